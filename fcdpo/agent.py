@@ -1,0 +1,301 @@
+"""The microchain-style agent: prompt rendering, the per-chain loop, and step-synchronous batching.
+
+One step of one chain::
+
+    reply  --parse_call (ast, literals only)-->  call  --bind (arity, types)-->  execute  -->  result
+      ^                                                                                       |
+      +-------------------------- the result is appended to the transcript -------------------+
+
+The chain ends at ``Stop()``, after ``max_steps`` successful calls, or after ``max_tries`` consecutive
+failed tries. Failed tries (unparsable or rejected replies, function errors) stay in the record, marked.
+
+Many chains advance together: :meth:`Agent.prompts` gives the next prompt of every active chain and
+:meth:`Agent.advance` feeds a batch of replies back, so an inference engine can batch the whole
+population in one call per step. :func:`run_chains` is that loop, top to bottom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
+from fcdpo.calls import DEFAULT_MAX_REPLY_CHARS, CallSyntaxError, parse_call
+from fcdpo.hashing import digest
+from fcdpo.problems.base import Problem
+from fcdpo.records import CallRecord, ChainRecord, Message
+from fcdpo.toolsets import TOOLSETS, ChainEnv, Function, FunctionError, Toolset
+
+TEMPLATE_VERSION = "fcdpo-agent-v1"
+CALL_PREFIX = ">>> "
+
+DEFAULT_SYSTEM = (
+    "You solve problems by calling functions, exactly one call per line, written like Python. "
+    "The result of each call is shown on the next line. Reason with Reasoning, compute with the "
+    "functions, give your final answer with Answer, then end with Stop()."
+)
+
+
+class Demonstration(BaseModel):
+    """A whole worked chain shown in the prompt: the problem, then (call, result) steps."""
+
+    question: str
+    steps: list[tuple[str, str]] = Field(description="(call, result) pairs; the last call is Stop()")
+
+
+class PromptSpec(BaseModel):
+    """How prompts are rendered. The teacher's spec may carry demonstrations; the student's has none."""
+
+    system: str = Field(DEFAULT_SYSTEM, description="instructions placed before the function list")
+    format: Literal["transcript", "chat"] = Field(
+        "transcript",
+        description="transcript: one plain-text prompt (for base models without a chat template); "
+        "chat: messages rendered by the model's chat template",
+    )
+    system_role: bool = Field(
+        False, description="chat only: put the instructions in a system message (some templates reject it)"
+    )
+    demonstrations: dict[str, list[Demonstration]] = Field(
+        default_factory=dict, description="few-shot worked chains per toolset name"
+    )
+
+
+class AgentLimits(BaseModel):
+    max_steps: int = Field(16, ge=1, description="successful calls before the chain is cut (step_limit)")
+    max_tries: int = Field(
+        3, ge=1, description="consecutive failed tries before the chain is cut (try_limit)"
+    )
+    max_reply_chars: int = Field(DEFAULT_MAX_REPLY_CHARS, ge=16, description="longer replies are rejected")
+    max_result_chars: int = Field(500, ge=16, description="function results are truncated to this length")
+
+
+# ------------------------------------------------------------------------------------- prompts
+
+
+def _transcript_turns(messages: Sequence[Message]) -> str:
+    out = []
+    for m in messages:
+        out.append(f"{m.content}\n" if m.role == "assistant" else f"{m.content}\n{CALL_PREFIX}")
+    return "".join(out)
+
+
+class PromptBuilder:
+    """Renders the prompt of one toolset. ``render(problem, messages)`` is used both for sampling and,
+    split as ``initial(problem)`` + ``completion(messages)``, for training pairs: byte-identical."""
+
+    def __init__(self, toolset: Toolset, spec: PromptSpec):
+        self.toolset = toolset
+        self.spec = spec
+        self.demos = spec.demonstrations.get(toolset.name, [])
+        self.header = self._header()
+        self.hash = digest(
+            {
+                "template": TEMPLATE_VERSION,
+                "format": spec.format,
+                "system_role": spec.system_role,
+                "system": spec.system,
+                "toolset": toolset.spec(),
+                "demos": [d.model_dump() for d in self.demos],
+            }
+        )
+
+    def _header(self) -> str:
+        text = f"{self.spec.system}\n\nFunctions:\n{self.toolset.docs()}\n\n"
+        for d in self.demos:
+            msgs = []
+            for call, result in d.steps:
+                msgs.append(Message(role="assistant", content=call))
+                if call.strip() != "Stop()":
+                    msgs.append(Message(role="user", content=result))
+            text += f"Problem: {d.question}\n{CALL_PREFIX}{_transcript_turns(msgs)}\n"
+        return text
+
+    def initial(self, problem: Problem) -> Prompt:
+        if self.spec.format == "transcript":
+            return f"{self.header}Problem: {problem.question}\n{CALL_PREFIX}"
+        if self.spec.system_role:
+            return [
+                {"role": "system", "content": self.header.rstrip()},
+                {"role": "user", "content": f"Problem: {problem.question}"},
+            ]
+        return [{"role": "user", "content": f"{self.header}Problem: {problem.question}"}]
+
+    def completion(self, messages: Sequence[Message]) -> Prompt:
+        if self.spec.format == "transcript":
+            return _transcript_turns(messages)
+        return [{"role": m.role, "content": m.content} for m in messages]
+
+    def render(self, problem: Problem, messages: Sequence[Message]) -> Prompt:
+        init = self.initial(problem)
+        return init + self.completion(messages)  # type: ignore[operator]  # str+str or list+list
+
+
+# --------------------------------------------------------------------------------------- chains
+
+
+@dataclass
+class Chain:
+    """Mutable state of one chain. Each chain owns its env and function instances."""
+
+    problem: Problem
+    sample_index: int
+    seed: int
+    model_id: str
+    builder: PromptBuilder
+    env: ChainEnv
+    functions: dict[str, Function]
+    messages: list[Message] = field(default_factory=list)
+    calls: list[CallRecord] = field(default_factory=list)
+    n_steps: int = 0
+    n_failed: int = 0
+    n_replies: int = 0
+    consecutive_failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    stop_reason: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def to_record(self) -> ChainRecord:
+        return ChainRecord(
+            problem_id=self.problem.id,
+            task=self.problem.task,
+            sample_index=self.sample_index,
+            seed=self.seed,
+            prompt_hash=self.builder.hash,
+            model_id=self.model_id,
+            toolset=self.problem.toolset,
+            messages=list(self.messages),
+            calls=list(self.calls),
+            answer=self.env.answer,
+            answered=self.env.answered,
+            stop_reason=self.stop_reason or "running",
+            n_steps=self.n_steps,
+            n_failed=self.n_failed,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            meta=dict(self.meta),
+        )
+
+
+def chain_seed(base_seed: int, problem_id: str, sample_index: int) -> int:
+    h = hashlib.sha256(f"{base_seed}:{problem_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def step_seed(chain: Chain) -> int:
+    """A different, reproducible seed for every reply of a chain."""
+    return (chain.seed * 1_000_003 + chain.n_replies) & 0x7FFFFFFF
+
+
+class Agent:
+    def __init__(
+        self, prompt: PromptSpec | None = None, limits: AgentLimits | None = None, model_id: str = ""
+    ):
+        self.spec = prompt or PromptSpec()
+        self.limits = limits or AgentLimits()
+        self.model_id = model_id
+        self._builders: dict[str, PromptBuilder] = {}
+
+    def builder(self, toolset: str) -> PromptBuilder:
+        if toolset not in self._builders:
+            self._builders[toolset] = PromptBuilder(TOOLSETS.get(toolset), self.spec)
+        return self._builders[toolset]
+
+    def new_chain(self, problem: Problem, sample_index: int = 0, seed: int = 0) -> Chain:
+        builder = self.builder(problem.toolset)
+        env, functions = builder.toolset.instantiate()
+        return Chain(problem, sample_index, seed, self.model_id, builder, env, functions)
+
+    def prompts(self, chains: Sequence[Chain]) -> list[Prompt]:
+        """The next prompt of every chain given (all must be active)."""
+        return [c.builder.render(c.problem, c.messages) for c in chains]
+
+    def advance(self, chains: Sequence[Chain], generations: Sequence[Generation | str]) -> None:
+        """Feed one reply to each chain and execute it."""
+        for c, g in zip(chains, generations, strict=True):
+            self.step(c, g if isinstance(g, Generation) else Generation(text=g))
+
+    def step(self, chain: Chain, gen: Generation) -> None:
+        if chain.done:
+            raise RuntimeError(f"chain {chain.problem.id}#{chain.sample_index} is already done")
+        chain.n_replies += 1
+        chain.prompt_tokens += gen.prompt_tokens
+        chain.completion_tokens += gen.completion_tokens
+        if gen.error is not None:
+            chain.meta["error"] = gen.error
+            chain.stop_reason = "aborted"
+            return
+        reply = gen.text.strip()
+        if reply.startswith(CALL_PREFIX.strip()):
+            reply = reply[len(CALL_PREFIX.strip()) :].strip()
+        try:
+            output, record = self._execute(chain, reply)
+        except (CallSyntaxError, FunctionError) as e:
+            self._fail(chain, reply, f"Error: {e}")
+            return
+        except Exception as e:  # a bug in a user's function must not kill the population
+            self._fail(chain, reply, f"Error: {type(e).__name__}: {e}"[: self.limits.max_result_chars])
+            return
+        chain.consecutive_failures = 0
+        chain.n_steps += 1
+        chain.calls.append(record)
+        chain.messages.append(Message(role="assistant", content=reply))
+        if chain.env.stopped:
+            chain.stop_reason = "stop"
+            return
+        chain.messages.append(Message(role="user", content=output))
+        if chain.n_steps >= self.limits.max_steps:
+            chain.stop_reason = "step_limit"
+
+    def _execute(self, chain: Chain, reply: str) -> tuple[str, CallRecord]:
+        call = parse_call(reply, self.limits.max_reply_chars)
+        fn = chain.functions.get(call.name)
+        if fn is None:
+            names = ", ".join(chain.functions)
+            raise FunctionError(f"unknown function {call.name!r}; the functions are: {names}")
+        kwargs = type(fn).bind(call)
+        output = str(fn(**kwargs))
+        if len(output) > self.limits.max_result_chars:
+            output = output[: self.limits.max_result_chars] + " [truncated]"
+        return output, CallRecord(name=call.name, arguments=kwargs, output=output)
+
+    def _fail(self, chain: Chain, reply: str, error: str) -> None:
+        chain.n_failed += 1
+        chain.consecutive_failures += 1
+        # keep the failed reply bounded in the record: a 100k-character reply is kept as its head
+        shown = (
+            reply if len(reply) <= self.limits.max_reply_chars else reply[: self.limits.max_reply_chars] + "…"
+        )
+        chain.messages.append(Message(role="assistant", content=shown, failed=True))
+        chain.messages.append(Message(role="user", content=error, failed=True))
+        if chain.consecutive_failures >= self.limits.max_tries:
+            chain.stop_reason = "try_limit"
+
+
+# ------------------------------------------------------------------------------------- the loop
+
+
+def run_chains(
+    agent: Agent,
+    backend: Backend,
+    problems: Sequence[Problem],
+    samples: int = 1,
+    sampling: SamplingParams | None = None,
+    base_seed: int = 0,
+) -> list[ChainRecord]:
+    """Sample ``samples`` chains per problem, all chains advancing together, one backend call per step."""
+    sampling = sampling or SamplingParams()
+    chains = [agent.new_chain(p, i, chain_seed(base_seed, p.id, i)) for p in problems for i in range(samples)]
+    while active := [c for c in chains if not c.done]:
+        prompts = agent.prompts(active)
+        params = [replace(sampling, seed=step_seed(c)) for c in active]
+        agent.advance(active, backend.generate(prompts, params))
+    return [c.to_record() for c in chains]

@@ -1,0 +1,292 @@
+"""Preference pairs from labelled chains (the paper's augmentation: D_w x D_l per prompt).
+
+For each prompt (problem), every correct chain (D_w) can pair with every incorrect one (D_l):
+|D_a| = |D_w| x |D_l|. Strategies (registry ``PAIR_STRATEGIES``) choose which pairs to keep:
+
+- ``all``: every pair, or a seeded uniform sample of ``max_pairs_per_prompt`` of them (sampled by index,
+  so the full product is never materialised);
+- ``best_vs_worst``: one pair per prompt, the cleanest correct chain vs the worst incorrect one.
+
+Filters beside them: ``dedup`` (identical completions count once), ``strip_failed_tries`` (the student is
+trained on the valid turns only), ``drop_no_contrast`` (prompts without both verdicts, and pairs whose two
+completions render identically, are left out).
+
+The output is TRL's preference format: ``prompt``, ``chosen``, ``rejected``. ``prompt`` is the *student's*
+prompt (no teacher demonstrations); plain text for the transcript format, messages for chat. Chains stream
+in: only one rendered completion per distinct chain is held, never the pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+from fcdpo.agent import PromptBuilder, PromptSpec
+from fcdpo.labelling import AutoLabeller, Verdict
+from fcdpo.problems.base import Problem
+from fcdpo.records import ChainRecord
+from fcdpo.registry import Registry
+from fcdpo.toolsets import TOOLSETS
+
+INCORRECT = {Verdict.WRONG_ANSWER, Verdict.NO_ANSWER, Verdict.FORMAT_ERROR, Verdict.STEP_LIMIT}
+# how bad an incorrect chain is, for best_vs_worst (higher is worse)
+SEVERITY = {Verdict.WRONG_ANSWER: 1, Verdict.NO_ANSWER: 2, Verdict.STEP_LIMIT: 3, Verdict.FORMAT_ERROR: 4}
+
+
+class PairsConfig(BaseModel):
+    strategy: Literal["all", "best_vs_worst"] | str = Field(
+        "all", description="registered pair strategy: all (D_w x D_l, optionally capped) or best_vs_worst"
+    )
+    max_pairs_per_prompt: int | None = Field(
+        4,
+        ge=1,
+        description="cap per prompt: a seeded uniform sample of the D_w x D_l pairs; null = all pairs",
+    )
+    dedup: bool = Field(True, description="identical completions within a prompt count once")
+    drop_no_contrast: bool = Field(
+        True, description="leave out prompts without both a correct and an incorrect chain"
+    )
+    strip_failed_tries: bool = Field(
+        True, description="remove failed tries (invalid reply + error) from completions"
+    )
+    require_stop: bool = Field(True, description="a chain is correct only if it also ended with Stop()")
+    seed: int = Field(0, description="seed of the pair sampling")
+
+
+@dataclass(slots=True)
+class Candidate:
+    completion: str  # rendered completion (JSON text for chat messages)
+    sample_index: int
+    verdict: Verdict
+    n_steps: int
+    n_failed: int
+
+
+@dataclass
+class PromptGroup:
+    problem: Problem
+    correct: list[Candidate] = field(default_factory=list)
+    incorrect: list[Candidate] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    n_chains: int = 0
+    n_aborted: int = 0
+
+
+Strategy = Callable[[PromptGroup, PairsConfig, random.Random], Iterator[tuple[Candidate, Candidate]]]
+PAIR_STRATEGIES: Registry[Strategy] = Registry("pair strategy")
+
+
+@PAIR_STRATEGIES.register("all")
+def all_pairs(g: PromptGroup, cfg: PairsConfig, rng: random.Random) -> Iterator[tuple[Candidate, Candidate]]:
+    n_w, n_l = len(g.correct), len(g.incorrect)
+    total = n_w * n_l
+    cap = cfg.max_pairs_per_prompt
+    indices: Iterable[int] = (
+        range(total) if cap is None or cap >= total else sorted(rng.sample(range(total), cap))
+    )
+    for k in indices:
+        yield g.correct[k // n_l], g.incorrect[k % n_l]
+
+
+@PAIR_STRATEGIES.register("best_vs_worst")
+def best_vs_worst(
+    g: PromptGroup, cfg: PairsConfig, rng: random.Random
+) -> Iterator[tuple[Candidate, Candidate]]:
+    if g.correct and g.incorrect:
+        best = min(g.correct, key=lambda c: (c.n_failed, c.n_steps, c.sample_index))
+        worst = max(g.incorrect, key=lambda c: (SEVERITY[c.verdict], c.n_failed, -c.sample_index))
+        yield best, worst
+
+
+class PairBuilder:
+    """Feed labelled (or unlabelled) chain records with :meth:`add`; iterate :meth:`rows` for pairs."""
+
+    def __init__(
+        self,
+        problems: dict[str, Problem],
+        student: PromptSpec | None = None,
+        config: PairsConfig | None = None,
+    ):
+        self.problems = problems
+        self.spec = (student or PromptSpec()).model_copy(update={"demonstrations": {}})
+        self.cfg = config or PairsConfig()
+        self.strategy = PAIR_STRATEGIES.get(self.cfg.strategy)
+        self.labeller = AutoLabeller(require_stop=self.cfg.require_stop)
+        self.groups: dict[str, PromptGroup] = {}
+        self.builders: dict[str, PromptBuilder] = {}
+        self.chat = self.spec.format == "chat"
+
+    def builder(self, toolset: str) -> PromptBuilder:
+        if toolset not in self.builders:
+            self.builders[toolset] = PromptBuilder(TOOLSETS.get(toolset), self.spec)
+        return self.builders[toolset]
+
+    def add(self, r: ChainRecord) -> None:
+        problem = self.problems.get(r.problem_id)
+        if problem is None:
+            raise KeyError(f"chain record for unknown problem {r.problem_id!r}")
+        g = self.groups.get(r.problem_id)
+        if g is None:
+            g = self.groups[r.problem_id] = PromptGroup(problem)
+        g.n_chains += 1
+        verdict = Verdict(r.verdict) if r.verdict is not None else self.labeller(r, problem).verdict
+        if verdict is Verdict.ABORTED:
+            g.n_aborted += 1
+            return
+        msgs = [m for m in r.messages if not m.failed] if self.cfg.strip_failed_tries else r.messages
+        completion = self.builder(problem.toolset).completion(msgs)
+        text = json.dumps(completion, ensure_ascii=False) if self.chat else completion
+        if self.cfg.dedup:
+            key = f"{verdict is Verdict.CORRECT}:{text}"
+            if key in g.seen:
+                return
+            g.seen.add(key)
+        cand = Candidate(text, r.sample_index, verdict, r.n_steps, r.n_failed)
+        (g.correct if verdict is Verdict.CORRECT else g.incorrect).append(cand)
+
+    def add_all(self, records: Iterable[ChainRecord]) -> PairBuilder:
+        for r in records:
+            self.add(r)
+        return self
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Pairs in TRL's format plus provenance columns; each prompt's group is freed once paired."""
+        for pid in sorted(self.groups):
+            g = self.groups[pid]
+            g.seen.clear()
+            rng = random.Random(f"{self.cfg.seed}:{pid}")
+            prompt = self.builder(g.problem.toolset).initial(g.problem)
+            for w, l in self.strategy(g, self.cfg, rng):
+                if self.cfg.drop_no_contrast and w.completion == l.completion:
+                    continue
+                yield {
+                    "prompt": prompt,
+                    "chosen": json.loads(w.completion) if self.chat else w.completion,
+                    "rejected": json.loads(l.completion) if self.chat else l.completion,
+                    "problem_id": pid,
+                    "task": g.problem.task,
+                    "chosen_sample": w.sample_index,
+                    "rejected_sample": l.sample_index,
+                    "chosen_verdict": w.verdict.value,
+                    "rejected_verdict": l.verdict.value,
+                }
+
+    def counts(self, n_pairs: dict[str, int]) -> list[dict[str, Any]]:
+        out = []
+        for pid in sorted(self.groups):
+            g = self.groups[pid]
+            contrast = bool(g.correct and g.incorrect)
+            if self.cfg.drop_no_contrast and not contrast:
+                continue
+            out.append(
+                {
+                    "problem_id": pid,
+                    "task": g.problem.task,
+                    "n_chains": g.n_chains,
+                    "n_aborted": g.n_aborted,
+                    "n_correct": len(g.correct),
+                    "n_incorrect": len(g.incorrect),
+                    "n_possible": len(g.correct) * len(g.incorrect),
+                    "n_pairs": n_pairs.get(pid, 0),
+                }
+            )
+        return out
+
+
+@dataclass
+class PairsResult:
+    out_dir: Path
+    n_pairs: int
+    n_prompts: int
+    counts: list[dict[str, Any]]
+
+    @property
+    def parquet(self) -> Path:
+        return self.out_dir / "pairs.parquet"
+
+    def load_dataset(self):
+        import datasets
+
+        return datasets.Dataset.from_parquet(str(self.parquet))
+
+
+def write_pairs(
+    builder: PairBuilder, out_dir: str | Path, save_dataset: bool = True, batch_size: int = 2048
+) -> PairsResult:
+    """Stream the builder's pairs to ``out_dir/pairs.parquet`` (+ ``counts.jsonl``, ``dataset/``).
+
+    Written into a temporary folder beside ``out_dir`` and renamed at the end: no half-written output.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        writer: pq.ParquetWriter | None = None
+        batch: list[dict[str, Any]] = []
+        per_prompt: dict[str, int] = {}
+        n = 0
+
+        def flush() -> None:
+            nonlocal writer
+            table = (
+                pa.Table.from_pylist(batch)
+                if writer is None
+                else pa.Table.from_pylist(batch, schema=writer.schema)
+            )
+            if writer is None:
+                writer = pq.ParquetWriter(str(tmp / "pairs.parquet"), table.schema)
+            writer.write_table(table)
+            batch.clear()
+
+        for row in builder.rows():
+            batch.append(row)
+            per_prompt[row["problem_id"]] = per_prompt.get(row["problem_id"], 0) + 1
+            n += 1
+            if len(batch) >= batch_size:
+                flush()
+        if batch:
+            flush()
+        if writer is None:  # no pairs: an empty table with the pair columns
+            empty = pa.table(
+                {c: pa.array([], pa.string()) for c in ("prompt", "chosen", "rejected", "problem_id")}
+            )
+            pq.write_table(empty, str(tmp / "pairs.parquet"))
+        else:
+            writer.close()
+        counts = builder.counts(per_prompt)
+        with open(tmp / "counts.jsonl", "w") as f:
+            for c in counts:
+                f.write(json.dumps(c) + "\n")
+        if save_dataset and n:
+            import datasets
+
+            datasets.Dataset.from_parquet(str(tmp / "pairs.parquet")).save_to_disk(str(tmp / "dataset"))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PairsResult(out_dir, n, len(per_prompt), counts)
+
+
+def build_pairs(
+    records: Iterable[ChainRecord],
+    problems: dict[str, Problem],
+    out_dir: str | Path,
+    student: PromptSpec | None = None,
+    config: PairsConfig | None = None,
+    save_dataset: bool = True,
+) -> PairsResult:
+    """Label (where needed) and pair streamed chain records, and write the pairs."""
+    return write_pairs(PairBuilder(problems, student, config).add_all(records), out_dir, save_dataset)

@@ -1,0 +1,52 @@
+"""The ``fol`` toolset: state premises in a small FOL syntax and ask a z3 prover about a statement."""
+
+from __future__ import annotations
+
+from fcdpo.fol import FolSyntaxError, Theory, to_text
+from fcdpo.toolsets.base import TOOLSETS, Function, FunctionError, Toolset
+
+SYNTAX_HELP = (
+    "Syntax: predicates like Cat(x) or Likes(alice, bob); not, and, or, implies, iff; "
+    "forall x: ... and exists x: ...; parentheses for grouping."
+)
+
+
+def _theory(fn: Function) -> Theory:
+    th = fn.env.scratch.get("theory")
+    if th is None:
+        th = fn.env.scratch["theory"] = Theory()
+    return th
+
+
+class Premise(Function):
+    description = "State one premise of the problem as a first-order-logic formula. " + SYNTAX_HELP
+    example = 'Premise(statement="forall x: Cat(x) implies Mammal(x)")'
+
+    def __call__(self, statement: str) -> str:
+        th = _theory(self)
+        try:
+            f = th.add(statement)
+        except FolSyntaxError as e:
+            raise FunctionError(f"the premise was not recorded: {e}") from None
+        return f"Premise {len(th.premises)} recorded: {to_text(f)}"
+
+
+class Prove(Function):
+    description = (
+        "Ask whether a statement follows from the premises stated so far. "
+        "Returns True (it follows), False (its negation follows) or Unknown."
+    )
+    example = 'Prove(statement="Mammal(tom)")'
+
+    def __call__(self, statement: str) -> str:
+        th = _theory(self)
+        try:
+            answer, consistent = th.entails(statement)
+        except FolSyntaxError as e:
+            raise FunctionError(f"the statement could not be checked: {e}") from None
+        if not consistent:
+            return "The premises contradict each other, so every statement follows; check your premises."
+        return str(answer.value)
+
+
+TOOLSETS.add("fol", Toolset("fol", (Premise, Prove), "First-order logic with a z3 prover."))
