@@ -46,7 +46,7 @@ _NODE_NAMES = {
     ast.JoinedStr: "f-strings",
     ast.FormattedValue: "f-strings",
     ast.Call: "nested calls",
-    ast.Attribute: "attribute access",
+    ast.Attribute: "attribute accesses",
     ast.Subscript: "subscripts",
     ast.Starred: "starred arguments",
     ast.BinOp: "operators",

@@ -166,19 +166,19 @@ class PairBuilder:
             g.seen.clear()
             rng = random.Random(f"{self.cfg.seed}:{pid}")
             prompt = self.builder(g.problem.toolset).initial(g.problem)
-            for w, l in self.strategy(g, self.cfg, rng):
-                if self.cfg.drop_no_contrast and w.completion == l.completion:
+            for w, lose in self.strategy(g, self.cfg, rng):
+                if self.cfg.drop_no_contrast and w.completion == lose.completion:
                     continue
                 yield {
                     "prompt": prompt,
                     "chosen": json.loads(w.completion) if self.chat else w.completion,
-                    "rejected": json.loads(l.completion) if self.chat else l.completion,
+                    "rejected": json.loads(lose.completion) if self.chat else lose.completion,
                     "problem_id": pid,
                     "task": g.problem.task,
                     "chosen_sample": w.sample_index,
-                    "rejected_sample": l.sample_index,
+                    "rejected_sample": lose.sample_index,
                     "chosen_verdict": w.verdict.value,
-                    "rejected_verdict": l.verdict.value,
+                    "rejected_verdict": lose.verdict.value,
                 }
 
     def counts(self, n_pairs: dict[str, int]) -> list[dict[str, Any]]:

