@@ -1,7 +1,7 @@
 """``fcdpo`` command line.
 
-    fcdpo run [--config configs/default.yaml] [--set key=value ...] [--summary-json PATH]
-    fcdpo problems --source fol --n 200 --seed 1      (same as python -m fcdpo.problems)
+fcdpo run [--config configs/default.yaml] [--set key=value ...] [--summary-json PATH]
+fcdpo problems --source fol --n 200 --seed 1      (same as python -m fcdpo.problems)
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print(f"fcdpo run: config {args.config}, teacher {cfg.teacher.model} via {cfg.teacher.backend}", file=sys.stderr)
+    print(
+        f"fcdpo run: config {args.config}, teacher {cfg.teacher.model} via {cfg.teacher.backend}",
+        file=sys.stderr,
+    )
     result = pipeline.run(cfg)
     summary = result.summary()
     print(f"{'task':<8} {'chains':>7} {'correct':>8} {'pairs':>6}")

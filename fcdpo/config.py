@@ -56,7 +56,9 @@ class TeacherConfig(_Strict):
     model: str = Field("gemma-3-270m", description="model name, HF id or local path")
     backend: str = Field("vllm", description="registered backend: vllm, openai, oracle, ...")
     backend_options: dict[str, Any] = Field(default_factory=dict, description="backend keyword arguments")
-    prompt: PromptSpec = Field(default_factory=PromptSpec, description="teacher prompt (demonstrations added)")
+    prompt: PromptSpec = Field(
+        default_factory=PromptSpec, description="teacher prompt (demonstrations added)"
+    )
     n_demonstrations: int = Field(
         2, ge=0, description="few-shot worked chains per toolset, from training problems with solutions"
     )
@@ -71,7 +73,9 @@ class StudentConfig(_Strict):
     @classmethod
     def _no_demos(cls, v: PromptSpec) -> PromptSpec:
         if v.demonstrations:
-            raise ValueError("the student prompt takes no demonstrations (it is what the student sees at inference)")
+            raise ValueError(
+                "the student prompt takes no demonstrations (it is what the student sees at inference)"
+            )
         return v
 
 
@@ -88,7 +92,9 @@ class RunConfig(_Strict):
     @classmethod
     def _strategy(cls, v: PairsConfig) -> PairsConfig:
         if v.strategy not in PAIR_STRATEGIES:
-            raise ValueError(f"unknown pair strategy {v.strategy!r}; registered: {', '.join(PAIR_STRATEGIES)}")
+            raise ValueError(
+                f"unknown pair strategy {v.strategy!r}; registered: {', '.join(PAIR_STRATEGIES)}"
+            )
         return v
 
 
@@ -137,7 +143,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise ConfigError(path, mark.line + 1 if mark else None, "", f"invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(
+            path, mark.line + 1 if mark else None, "", f"invalid YAML: {getattr(e, 'problem', e)}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(path, 1, "", "the config must be a mapping")
     for ov in overrides:

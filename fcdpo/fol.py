@@ -150,7 +150,7 @@ class _Parser:
     def take(self, expected: str | None = None) -> str:
         tok = self.peek()
         if tok is None or (expected is not None and tok != expected):
-            want = f"{expected!r}" if expected else "more input"
+            want = repr(expected) if expected else "more input"
             raise FolSyntaxError(f"expected {want} {self.where()}")
         self.i += 1
         return tok

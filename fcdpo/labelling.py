@@ -11,8 +11,10 @@ Verdicts, in the order they are decided:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
+from fractions import Fraction
 from typing import Any
 
 from fcdpo.numbers import format_fraction, parse_number
@@ -77,14 +79,20 @@ class NumericLabeller(Labeller):
         super().__init__(require_stop)
         self.rel_tol = rel_tol
 
-    def compare(self, answer: Any, expected: str) -> tuple[bool, str | None, str]:
+    @staticmethod
+    @functools.lru_cache(maxsize=65536)
+    def gold(expected: str) -> Fraction:
         gold = parse_number(expected)
         if gold is None:
             raise ValueError(f"gold answer {expected!r} is not a number")
+        return gold
+
+    def compare(self, answer: Any, expected: str) -> tuple[bool, str | None, str]:
+        gold = self.gold(expected)
         got = parse_number(answer)
         if got is None:
             return False, None, f"answer {answer!r:.40} is not a number"
-        ok = abs(float(got - gold)) <= self.rel_tol * max(1.0, abs(float(gold)))
+        ok = got == gold or abs(float(got - gold)) <= self.rel_tol * max(1.0, abs(float(gold)))
         return ok, format_fraction(got), ""
 
 

@@ -63,13 +63,11 @@ class PairsConfig(BaseModel):
     seed: int = Field(0, description="seed of the pair sampling")
 
 
-@dataclass(slots=True)
-class Candidate:
-    completion: str  # rendered completion (JSON text for chat messages)
-    sample_index: int
-    verdict: Verdict
-    n_steps: int
-    n_failed: int
+# A candidate chain is a plain tuple (completion, sample_index, verdict, n_steps, n_failed) of str/int.
+# A million of them stay alive while chains stream in; exact tuples of atoms are untracked by Python's
+# cyclic GC, so holding them costs no collector time (dataclass or NamedTuple instances would be re-scanned).
+Candidate = tuple[str, int, str, int, int]
+TEXT, INDEX, VERDICT, STEPS, FAILED = range(5)
 
 
 @dataclass
@@ -77,7 +75,8 @@ class PromptGroup:
     problem: Problem
     correct: list[Candidate] = field(default_factory=list)
     incorrect: list[Candidate] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    seen_correct: set[str] = field(default_factory=set)
+    seen_incorrect: set[str] = field(default_factory=set)
     n_chains: int = 0
     n_aborted: int = 0
 
@@ -103,8 +102,8 @@ def best_vs_worst(
     g: PromptGroup, cfg: PairsConfig, rng: random.Random
 ) -> Iterator[tuple[Candidate, Candidate]]:
     if g.correct and g.incorrect:
-        best = min(g.correct, key=lambda c: (c.n_failed, c.n_steps, c.sample_index))
-        worst = max(g.incorrect, key=lambda c: (SEVERITY[c.verdict], c.n_failed, -c.sample_index))
+        best = min(g.correct, key=lambda c: (c[FAILED], c[STEPS], c[INDEX]))
+        worst = max(g.incorrect, key=lambda c: (SEVERITY[Verdict(c[VERDICT])], c[FAILED], -c[INDEX]))
         yield best, worst
 
 
@@ -146,13 +145,14 @@ class PairBuilder:
         msgs = [m for m in r.messages if not m.failed] if self.cfg.strip_failed_tries else r.messages
         completion = self.builder(problem.toolset).completion(msgs)
         text = json.dumps(completion, ensure_ascii=False) if self.chat else completion
+        good = verdict is Verdict.CORRECT
         if self.cfg.dedup:
-            key = f"{verdict is Verdict.CORRECT}:{text}"
-            if key in g.seen:
+            seen = g.seen_correct if good else g.seen_incorrect
+            if text in seen:
                 return
-            g.seen.add(key)
-        cand = Candidate(text, r.sample_index, verdict, r.n_steps, r.n_failed)
-        (g.correct if verdict is Verdict.CORRECT else g.incorrect).append(cand)
+            seen.add(text)
+        cand = (text, r.sample_index, verdict.value, r.n_steps, r.n_failed)
+        (g.correct if good else g.incorrect).append(cand)
 
     def add_all(self, records: Iterable[ChainRecord]) -> PairBuilder:
         for r in records:
@@ -163,22 +163,23 @@ class PairBuilder:
         """Pairs in TRL's format plus provenance columns; each prompt's group is freed once paired."""
         for pid in sorted(self.groups):
             g = self.groups[pid]
-            g.seen.clear()
+            g.seen_correct.clear()
+            g.seen_incorrect.clear()
             rng = random.Random(f"{self.cfg.seed}:{pid}")
             prompt = self.builder(g.problem.toolset).initial(g.problem)
             for w, lose in self.strategy(g, self.cfg, rng):
-                if self.cfg.drop_no_contrast and w.completion == lose.completion:
+                if self.cfg.drop_no_contrast and w[TEXT] == lose[TEXT]:
                     continue
                 yield {
                     "prompt": prompt,
-                    "chosen": json.loads(w.completion) if self.chat else w.completion,
-                    "rejected": json.loads(lose.completion) if self.chat else lose.completion,
+                    "chosen": json.loads(w[TEXT]) if self.chat else w[TEXT],
+                    "rejected": json.loads(lose[TEXT]) if self.chat else lose[TEXT],
                     "problem_id": pid,
                     "task": g.problem.task,
-                    "chosen_sample": w.sample_index,
-                    "rejected_sample": lose.sample_index,
-                    "chosen_verdict": w.verdict.value,
-                    "rejected_verdict": lose.verdict.value,
+                    "chosen_sample": w[INDEX],
+                    "rejected_sample": lose[INDEX],
+                    "chosen_verdict": w[VERDICT],
+                    "rejected_verdict": lose[VERDICT],
                 }
 
     def counts(self, n_pairs: dict[str, int]) -> list[dict[str, Any]]:

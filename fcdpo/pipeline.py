@@ -1,7 +1,7 @@
 """The method, top to bottom, as plain functions (the Prefect flows wrap these same calls).
 
-    problems -> teacher prompt (few-shot demos) -> sample N chains per problem -> label -> pairs
-    (-> DPO -> evaluate before/after: the training and evaluation issues add these stages)
+problems -> teacher prompt (few-shot demos) -> sample N chains per problem -> label -> pairs
+(-> DPO -> evaluate before/after: the training and evaluation issues add these stages)
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def load_problems(cfg: RunConfig) -> tuple[ProblemSet, ProblemSet]:
     """All configured sources, concatenated, split into train/test by id hash."""
     sets = [load_source(s.source, **s.params) for s in cfg.problems.sources]
     tf = cfg.problems.test_fraction
-    everything = ProblemSet.concat("problems", sets).with_splits({"train": 1 - tf, "test": tf}, cfg.problems.split_salt)
+    everything = ProblemSet.concat("problems", sets).with_splits(
+        {"train": 1 - tf, "test": tf}, cfg.problems.split_salt
+    )
     train, test = everything.split("train"), everything.split("test")
     if cfg.problems.max_train:
         train = train.head(cfg.problems.max_train)
@@ -55,7 +57,9 @@ def teacher_prompt(cfg: RunConfig, train: ProblemSet) -> tuple[PromptSpec, Probl
     return cfg.teacher.prompt.model_copy(update={"demonstrations": demos}), rest
 
 
-def make_backend(name: str, model: str, options: dict[str, Any], problems: ProblemSet | None = None) -> Backend:
+def make_backend(
+    name: str, model: str, options: dict[str, Any], problems: ProblemSet | None = None
+) -> Backend:
     factory = BACKENDS.get(name)
     kwargs = dict(options)
     if "problems" in inspect.signature(factory).parameters or name == "oracle":
@@ -115,7 +119,9 @@ def run(cfg: RunConfig) -> RunResult:
     t["problems"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with make_backend(cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options, sample_set) as backend:
+    with make_backend(
+        cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options, sample_set
+    ) as backend:
         chains = sample(cfg, backend, prompt, sample_set)
     t["sampling"] = time.perf_counter() - t0
 

@@ -106,7 +106,9 @@ def test_attack_strings_are_rejected_without_side_effects(name, tmp_path):
 
 
 def test_rejection_messages_say_what_is_wrong():
-    msg = {k: _step(a.replace("{sentinel}", "/nonexistent/x"))[0].messages[1].content for k, a in ATTACKS.items()}
+    msg = {
+        k: _step(a.replace("{sentinel}", "/nonexistent/x"))[0].messages[1].content for k, a in ATTACKS.items()
+    }
     assert "nested calls are not allowed" in msg["nested_call"]
     assert "attribute accesses are not allowed" in msg["attribute_callee"]
     assert "lambdas" in msg["lambda_arg"]
@@ -138,14 +140,55 @@ def test_valid_step_executes_and_feeds_result_back():
 
 # --------------------------------------------------------------------------------- property-based
 
-names = st.sampled_from(["Add", "Subtract", "Multiply", "Divide", "Answer", "Stop", "Reasoning", "Nope", "__import__", "_x", "eval", "open"])
+names = st.sampled_from(
+    [
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Divide",
+        "Answer",
+        "Stop",
+        "Reasoning",
+        "Nope",
+        "__import__",
+        "_x",
+        "eval",
+        "open",
+    ]
+)
 literals = st.one_of(
     st.integers(min_value=-(10**40), max_value=10**40).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.text(max_size=30).map(repr),
-    st.sampled_from(["True", "False", "None", "x", "[]", "()", "{}", "lambda: 0", "1+1", "a.b", "f'{x}'", "*y", "**z", "Add(a=1, b=2)", "10**10**9", "-" * 50 + "1", "...", "b''"]),
+    st.sampled_from(
+        [
+            "True",
+            "False",
+            "None",
+            "x",
+            "[]",
+            "()",
+            "{}",
+            "lambda: 0",
+            "1+1",
+            "a.b",
+            "f'{x}'",
+            "*y",
+            "**z",
+            "Add(a=1, b=2)",
+            "10**10**9",
+            "-" * 50 + "1",
+            "...",
+            "b''",
+        ]
+    ),
 )
-arg = st.one_of(literals, st.tuples(st.sampled_from(["a", "b", "value", "reasoning", "_p", "__class__"]), literals).map(lambda t: f"{t[0]}={t[1]}"))
+arg = st.one_of(
+    literals,
+    st.tuples(st.sampled_from(["a", "b", "value", "reasoning", "_p", "__class__"]), literals).map(
+        lambda t: f"{t[0]}={t[1]}"
+    ),
+)
 call_like = st.builds(
     lambda pre, name, args, post: f"{pre}{name}({', '.join(args)}){post}",
     st.sampled_from(["", " ", ">>> ", "\n", "x.", "(", "print("]),
@@ -153,7 +196,9 @@ call_like = st.builds(
     st.lists(arg, max_size=4),
     st.sampled_from(["", " ", ")", "\nStop()", "; Stop()", ".x", "[0]", " # comment"]),
 )
-replies = st.one_of(st.text(max_size=300), call_like, st.binary(max_size=100).map(lambda b: b.decode("latin-1")))
+replies = st.one_of(
+    st.text(max_size=300), call_like, st.binary(max_size=100).map(lambda b: b.decode("latin-1"))
+)
 
 _timings: list[float] = []
 
@@ -180,7 +225,9 @@ def test_generated_replies_were_many_and_fast():
     assert sorted(_timings)[int(len(_timings) * 0.99)] < 0.05
 
 
-@pytest.mark.parametrize("text", ["", "(", "\x00", "A(" * 5000, "1" * 1999, "A(a=" + "1" * 5000 + ")", "A('\\\\\\')"])
+@pytest.mark.parametrize(
+    "text", ["", "(", "\x00", "A(" * 5000, "1" * 1999, "A(a=" + "1" * 5000 + ")", "A('\\\\\\')"]
+)
 def test_parse_call_raises_only_call_syntax_error(text):
     with pytest.raises(CallSyntaxError):
         parse_call(text)

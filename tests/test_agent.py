@@ -1,0 +1,198 @@
+import pytest
+
+from fcdpo.agent import (
+    CALL_PREFIX,
+    Agent,
+    AgentLimits,
+    Demonstration,
+    PromptBuilder,
+    PromptSpec,
+    chain_seed,
+    run_chains,
+)
+from fcdpo.backends import Backend, CallableBackend, Generation, SamplingParams
+from fcdpo.backends.oracle import OracleBackend
+from fcdpo.problems import Problem
+from fcdpo.records import Message
+from fcdpo.toolsets import TOOLSETS
+
+P = Problem(
+    id="p1",
+    task="arith",
+    question="Tom has 2 apples and gets 3 more. How many?",
+    answer="5",
+    toolset="arithmetic",
+)
+Q = Problem(id="p2", task="arith", question="What is 10 minus 4?", answer="6", toolset="arithmetic")
+
+
+class Script(Backend):
+    """A scripted policy: replies come from a per-problem list; records each batch it is asked for."""
+
+    def __init__(self, script):
+        self.script = script
+        self.batches = []
+        self.model_id = "script"
+
+    def generate(self, prompts, params):
+        self.batches.append(len(prompts))
+        out = []
+        for prompt in prompts:
+            question = prompt.rpartition("Problem: ")[2].partition("\n")[0]
+            k = prompt.rpartition("Problem: ")[2].count(f"\n{CALL_PREFIX}") - 1
+            replies = self.script[question]
+            out.append(
+                Generation(text=replies[min(k, len(replies) - 1)], prompt_tokens=10, completion_tokens=3)
+            )
+        return out
+
+
+def test_prompt_lists_functions_examples_demos_and_problem():
+    demo = Demonstration(
+        question="What is 1+1?", steps=[("Add(a=1, b=1)", "2"), ("Answer(value=2)", "ok"), ("Stop()", "")]
+    )
+    b = PromptBuilder(TOOLSETS.get("arithmetic"), PromptSpec(demonstrations={"arithmetic": [demo]}))
+    text = b.initial(P)
+    assert text.startswith(PromptSpec().system)
+    for needed in [
+        "Add(a: float, b: float)",
+        "Example: Divide(a=12, b=4)",
+        "Stop()",
+        "Problem: What is 1+1?\n>>> Add(a=1, b=1)\n2\n>>> Answer(value=2)\nok\n>>> Stop()\n",
+    ]:
+        assert needed in text
+    assert text.endswith(f"Problem: {P.question}\n>>> ")
+
+
+def test_prompt_hash_versions_template_toolset_and_demos():
+    ts = TOOLSETS.get("arithmetic")
+    h = PromptBuilder(ts, PromptSpec()).hash
+    assert PromptBuilder(ts, PromptSpec()).hash == h
+    assert PromptBuilder(TOOLSETS.get("fol"), PromptSpec()).hash != h
+    assert PromptBuilder(ts, PromptSpec(system="Be brief.")).hash != h
+    assert PromptBuilder(ts, PromptSpec(format="chat")).hash != h
+    demo = Demonstration(question="q", steps=[("Stop()", "")])
+    assert PromptBuilder(ts, PromptSpec(demonstrations={"arithmetic": [demo]})).hash != h
+    assert PromptBuilder(ts, PromptSpec(demonstrations={"fol": [demo]})).hash == h  # other toolset's demos
+
+
+@pytest.mark.parametrize("fmt", ["transcript", "chat"])
+def test_render_is_initial_plus_completion_byte_for_byte(fmt):
+    b = PromptBuilder(TOOLSETS.get("arithmetic"), PromptSpec(format=fmt))
+    msgs = [
+        Message(role="assistant", content="Add(a=2, b=3)"),
+        Message(role="user", content="5"),
+        Message(role="assistant", content="Stop()"),
+    ]
+    for k in range(len(msgs) + 1):
+        assert b.render(P, msgs[:k]) == b.initial(P) + b.completion(msgs[:k])
+    if fmt == "chat":
+        assert b.initial(P) == [{"role": "user", "content": f"{b.header}Problem: {P.question}"}]
+        sys_role = PromptBuilder(
+            TOOLSETS.get("arithmetic"), PromptSpec(format="chat", system_role=True)
+        ).initial(P)
+        assert [m["role"] for m in sys_role] == ["system", "user"]
+
+
+def test_chain_runs_to_stop_and_records_everything():
+    backend = Script({P.question: ['Reasoning("add")', "Add(a=2, b=3)", "Answer(value=5)", "Stop()"]})
+    [r] = run_chains(Agent(model_id="m"), backend, [P])
+    assert r.stop_reason == "stop" and r.answered and r.answer == 5
+    assert [c.name for c in r.calls] == ["Reasoning", "Add", "Answer", "Stop"]
+    assert [m.role for m in r.messages] == ["assistant", "user"] * 3 + ["assistant"]
+    assert r.messages[3].content == "5" and r.n_steps == 4 and r.n_failed == 0
+    assert (r.prompt_tokens, r.completion_tokens) == (40, 12)
+    assert r.model_id == "m" and r.prompt_hash == Agent().builder("arithmetic").hash
+
+
+def test_failed_tries_stay_in_the_record_and_the_model_sees_the_error():
+    backend = Script({P.question: ["Add(2, 3", "Add(a=2, b=3)", "Answer(5)", "Stop()"]})
+    agent = Agent()
+    chain = agent.new_chain(P)
+    agent.advance([chain], backend.generate(agent.prompts([chain]), [SamplingParams()]))
+    assert chain.n_failed == 1 and chain.messages[0].failed and chain.messages[1].failed
+    assert "Error: invalid syntax" in agent.prompts([chain])[0].rpartition(">>> Add(2, 3\n")[2]
+    [r] = run_chains(agent, backend, [P])
+    assert r.stop_reason == "stop" and r.n_failed == 1 and [m.failed for m in r.messages][:2] == [True, True]
+
+
+def test_step_and_try_limits():
+    loop = Script({P.question: ['Reasoning("thinking")']})
+    [r] = run_chains(Agent(limits=AgentLimits(max_steps=5)), loop, [P])
+    assert r.stop_reason == "step_limit" and r.n_steps == 5
+    bad = Script({P.question: ["the answer is 5"]})
+    [r] = run_chains(Agent(limits=AgentLimits(max_tries=3)), bad, [P])
+    assert r.stop_reason == "try_limit" and r.n_failed == 3 and r.n_steps == 0
+    # a success resets the consecutive-failure count
+    mixed = Script({P.question: ["x", "x", 'Reasoning("r")', "x", "x", 'Reasoning("r")', "Stop()"]})
+    [r] = run_chains(Agent(limits=AgentLimits(max_tries=3)), mixed, [P])
+    assert r.stop_reason == "stop" and r.n_failed == 4
+
+
+def test_engine_error_aborts_only_that_chain():
+    class Flaky(Backend):
+        def generate(self, prompts, params):
+            return [
+                Generation(text="", error="context too long")
+                if "10 minus" in p
+                else Generation(text="Stop()")
+                for p in prompts
+            ]
+
+    recs = run_chains(Agent(), Flaky(), [P, Q])
+    assert [(r.problem_id, r.stop_reason) for r in recs] == [("p1", "stop"), ("p2", "aborted")]
+    assert recs[1].meta["error"] == "context too long"
+
+
+def test_step_synchronous_batching_advances_all_chains_together():
+    script = {
+        P.question: ["Add(a=2, b=3)", "Answer(5)", "Stop()"],
+        Q.question: ["Subtract(a=10, b=4)", "Stop()"],
+    }
+    backend = Script(script)
+    recs = run_chains(Agent(), backend, [P, Q], samples=8)
+    assert len(recs) == 16
+    # one backend call per step, with every active chain in it: 16, 16, then the 8 longer chains
+    assert backend.batches == [16, 16, 8]
+    agent = Agent()
+    chains = [agent.new_chain(P), agent.new_chain(Q)]
+    assert len(agent.prompts(chains)) == 2
+    agent.advance(chains, ["Stop()", "Add(a=1, b=1)"])
+    assert chains[0].done and not chains[1].done
+    with pytest.raises(RuntimeError, match="already done"):
+        agent.advance(chains[:1], ["Stop()"])
+
+
+def test_chains_have_isolated_state():
+    fol = Problem(id="f", task="fol", question="Is Tom a mammal?", answer="True", toolset="fol")
+    agent = Agent()
+    a, b = agent.new_chain(fol, 0), agent.new_chain(fol, 1)
+    agent.advance([a, b], ['Premise("Cat(tom)")', 'Prove("Cat(tom)")'])
+    assert a.messages[-1].content.startswith("Premise 1") and b.messages[-1].content == "Unknown"
+    assert a.env is not b.env and a.functions["Premise"] is not b.functions["Premise"]
+
+
+def test_seeds_are_per_chain_per_step_and_reproducible():
+    seen = []
+
+    def policy(prompt, params):
+        seen.append(params.seed)
+        return "Stop()" if params.seed % 3 == 0 else 'Reasoning("r")'
+
+    backend = CallableBackend(policy)
+    a = run_chains(Agent(), backend, [P, Q], samples=4, base_seed=7)
+    first = list(seen)
+    seen.clear()
+    b = run_chains(Agent(), backend, [P, Q], samples=4, base_seed=7)
+    assert [r.model_dump() for r in a] == [r.model_dump() for r in b] and seen == first
+    assert len({r.seed for r in a}) == 8 and a[0].seed == chain_seed(7, "p1", 0)
+    assert len(set(first)) == len(first)  # every reply of every chain had its own seed
+    c = run_chains(Agent(), backend, [P, Q], samples=4, base_seed=8)
+    assert [r.seed for r in c] != [r.seed for r in a]
+
+
+def test_oracle_policy_plays_solutions_through_the_loop(arith_set):
+    recs = run_chains(Agent(), OracleBackend(list(arith_set)), list(arith_set))
+    assert all(
+        r.stop_reason == "stop" and str(r.answer) == p.answer for r, p in zip(recs, arith_set, strict=True)
+    )

@@ -1,0 +1,90 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fcdpo.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_validates():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert isinstance(cfg, RunConfig)
+    assert [s.source for s in cfg.problems.sources] == ["fol", "arith"]
+    assert cfg.student.prompt.demonstrations == {}
+    assert cfg.teacher.n_demonstrations > 0
+
+
+def _write(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(textwrap.dedent(text))
+    return f
+
+
+BASE = """\
+name: t
+problems:
+  sources:
+    - source: fol
+      params: {n: 4}
+pairs:
+  max_pairs_per_prompt: 4
+"""
+
+
+@pytest.mark.parametrize(
+    ("patch", "line", "field", "message"),
+    [
+        (
+            ("max_pairs_per_prompt: 4", "max_pairs_per_prompt: 0"),
+            7,
+            "pairs.max_pairs_per_prompt",
+            "greater than or equal to 1",
+        ),
+        (("source: fol", "source: folk"), 4, "problems.sources.0.source", "unknown problem source 'folk'"),
+        (
+            ("name: t", "name: t\nteacher:\n  sampling:\n    temprature: 0.5"),
+            4,
+            "teacher.sampling.temprature",
+            "Extra inputs",
+        ),
+        (("name: t", "name: t\nagent:\n  max_steps: lots"), 3, "agent.max_steps", "valid integer"),
+        (("max_pairs_per_prompt: 4", "strategy: random"), 7, "pairs", "unknown pair strategy 'random'"),
+    ],
+)
+def test_errors_name_file_line_and_field(tmp_path, patch, line, field, message):
+    f = _write(tmp_path, BASE.replace(*patch))
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert (e.value.path, e.value.line, e.value.field) == (str(f), line, field)
+    assert str(e.value).startswith(f"{f}:{line}: {field}: ") and message in str(e.value)
+
+
+def test_missing_section_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml:1: problems: Field required"):
+        load_config(_write(tmp_path, "name: x\n"))
+    with pytest.raises(ConfigError, match=r"c.yaml:2: invalid YAML"):
+        load_config(_write(tmp_path, "name: x\n  - bad: [\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides(tmp_path):
+    f = _write(tmp_path, BASE)
+    cfg = load_config(f, ["teacher.sampling.temperature=0.2", "pairs.max_pairs_per_prompt=null"])
+    assert cfg.teacher.sampling.temperature == 0.2 and cfg.pairs.max_pairs_per_prompt is None
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(f, ["teacher.model"])
+    with pytest.raises(ConfigError, match=r"teacher\.sampling\.temperature"):
+        load_config(f, ["teacher.sampling.temperature=-1"])
+
+
+def test_student_prompt_may_not_carry_demonstrations(tmp_path):
+    f = _write(
+        tmp_path,
+        BASE
+        + "student:\n  prompt:\n    demonstrations:\n      arithmetic: [{question: q, steps: [[Stop(), '']]}]\n",
+    )
+    with pytest.raises(ConfigError, match=r"student\.prompt: the student prompt takes no demonstrations"):
+        load_config(f)

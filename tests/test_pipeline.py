@@ -1,0 +1,73 @@
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_domain_library_has_no_orchestration_or_tracking_imports():
+    offenders = []
+    for path in (ROOT / "fcdpo").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in {"prefect", "mlflow"}
+            ]
+    assert offenders == []
+
+
+def test_cli_runs_the_pipeline_end_to_end_with_the_oracle_teacher(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        f"""
+name: tiny
+out_dir: {tmp_path / "runs"}
+problems:
+  sources:
+    - {{source: fol, params: {{n: 16, seed: 3, difficulty: easy}}}}
+    - {{source: arith, params: {{n: 16, seed: 3}}}}
+  test_fraction: 0.25
+teacher:
+  backend: oracle
+  backend_options: {{error_rate: 0.3}}
+  n_demonstrations: 1
+  sampling: {{samples_per_problem: 6}}
+pairs: {{max_pairs_per_prompt: 2}}
+"""
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "fcdpo.cli", "run", "--config", str(cfg), "--summary-json", str(tmp_path / "s.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    run_dir = tmp_path / "runs" / "tiny"
+    assert s["train_problems"] + s["test_problems"] == 32
+    assert (
+        s["chains"] == (s["train_problems"] - 2) * 6
+    )  # one demonstration problem per toolset is held out of sampling
+    assert set(s["per_task"]) == {"fol", "arith"}
+    assert 0 < s["pairs"] <= 2 * s["prompts_with_pairs"]
+    chains = [json.loads(x) for x in (run_dir / "chains.jsonl").read_text().splitlines()]
+    assert len(chains) == s["chains"] and all(c["verdict"] for c in chains)
+    assert (run_dir / "pairs" / "pairs.parquet").is_file()
+    assert "arith" in out.stdout and "stage seconds" in out.stdout
+
+
+def test_cli_reports_config_errors_without_output(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"name: x\nout_dir: {tmp_path / 'runs'}\nproblems:\n  sources: [{{source: nope}}]\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "fcdpo.cli", "run", "--config", str(cfg)], capture_output=True, text=True
+    )
+    assert (
+        out.returncode == 2
+        and f"{cfg}:4: problems.sources.0.source: unknown problem source 'nope'" in out.stderr
+    )
+    assert not (tmp_path / "runs").exists()
