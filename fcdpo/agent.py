@@ -51,10 +51,10 @@ class PromptSpec(BaseModel):
     """How prompts are rendered. The teacher's spec may carry demonstrations; the student's has none."""
 
     system: str = Field(DEFAULT_SYSTEM, description="instructions placed before the function list")
-    format: Literal["transcript", "chat"] = Field(
-        "transcript",
+    format: Literal["auto", "transcript", "chat"] = Field(
+        "auto",
         description="transcript: one plain-text prompt (for base models without a chat template); "
-        "chat: messages rendered by the model's chat template",
+        "chat: messages rendered by the model's chat template; auto: chat if the model has a template",
     )
     system_role: bool = Field(
         False, description="chat only: put the instructions in a system message (some templates reject it)"
@@ -89,7 +89,7 @@ class PromptBuilder:
 
     def __init__(self, toolset: Toolset, spec: PromptSpec):
         self.toolset = toolset
-        self.spec = spec
+        self.spec = spec = resolve_format(spec, chat=False)
         self.demos = spec.demonstrations.get(toolset.name, [])
         self.header = self._header()
         self.hash = digest(
@@ -195,11 +195,22 @@ def step_seed(chain: Chain) -> int:
     return (chain.seed * 1_000_003 + chain.n_replies) & 0x7FFFFFFF
 
 
+def resolve_format(spec: PromptSpec, chat: bool) -> PromptSpec:
+    """Turn ``format: auto`` into ``chat`` or ``transcript`` for a model with / without a chat template."""
+    if spec.format != "auto":
+        return spec
+    return spec.model_copy(update={"format": "chat" if chat else "transcript"})
+
+
 class Agent:
     def __init__(
-        self, prompt: PromptSpec | None = None, limits: AgentLimits | None = None, model_id: str = ""
+        self,
+        prompt: PromptSpec | None = None,
+        limits: AgentLimits | None = None,
+        model_id: str = "",
+        chat: bool = False,
     ):
-        self.spec = prompt or PromptSpec()
+        self.spec = resolve_format(prompt or PromptSpec(), chat)
         self.limits = limits or AgentLimits()
         self.model_id = model_id
         self._builders: dict[str, PromptBuilder] = {}

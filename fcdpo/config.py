@@ -50,6 +50,8 @@ class SamplingConfig(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     max_tokens_per_step: int = Field(96, ge=1, description="token budget of one reply (one call)")
     seed: int = Field(0, description="base seed; each chain's seed derives from it, the problem id and index")
+    shard_size: int = Field(64, ge=1, description="problems per shard (the unit of resumption and fan-out)")
+    progress: bool = Field(True, description="show a progress bar while sampling")
 
 
 class TeacherConfig(_Strict):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from fcdpo.agent import Agent, AgentLimits, Demonstration, PromptSpec, run_chains
 from fcdpo.backends.base import SamplingParams
 from fcdpo.backends.oracle import OracleBackend
-from fcdpo.problems.base import Problem
+from fcdpo.problems.base import Problem, ProblemSet
 
 
 def demonstrations_from_problems(
@@ -41,3 +41,24 @@ def demonstrations_from_problems(
                 steps.append((m.content, result))
         demos.append(Demonstration(question=p.question, steps=steps))
     return demos
+
+
+def with_demonstrations(
+    spec: PromptSpec, problems: ProblemSet, n: int, limits: AgentLimits | None = None
+) -> tuple[PromptSpec, ProblemSet]:
+    """``spec`` plus ``n`` demonstrations per toolset, taken from the first problems that have solutions.
+
+    Returns the prompt and the problems left for sampling: demonstration problems are removed, so no
+    chain is sampled for a problem whose worked solution is in its own prompt.
+    """
+    demos = dict(spec.demonstrations)
+    used: set[str] = set()
+    for toolset in sorted({p.toolset for p in problems}):
+        if toolset in demos or n == 0:
+            continue
+        pool = [p for p in problems if p.toolset == toolset and p.meta.get("solution")][:n]
+        if pool:
+            demos[toolset] = demonstrations_from_problems(pool, limits)
+            used |= {p.id for p in pool}
+    rest = ProblemSet(problems.name, tuple(p for p in problems if p.id not in used))
+    return spec.model_copy(update={"demonstrations": demos}), rest

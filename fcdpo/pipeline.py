@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcdpo.agent import Agent, PromptSpec, run_chains
+from fcdpo.agent import Agent, PromptSpec
 from fcdpo.backends import BACKENDS, Backend, SamplingParams
 from fcdpo.config import RunConfig
-from fcdpo.demos import demonstrations_from_problems
+from fcdpo.demos import with_demonstrations
 from fcdpo.labelling import label_records
 from fcdpo.pairs import PairsResult, build_pairs
 from fcdpo.problems import Problem, ProblemSet, load_source
 from fcdpo.records import ChainRecord, write_jsonl
+from fcdpo.sampling import read_shards, sample_problems
 
 
 def load_problems(cfg: RunConfig) -> tuple[ProblemSet, ProblemSet]:
@@ -40,21 +41,9 @@ def load_problems(cfg: RunConfig) -> tuple[ProblemSet, ProblemSet]:
 
 
 def teacher_prompt(cfg: RunConfig, train: ProblemSet) -> tuple[PromptSpec, ProblemSet]:
-    """The teacher's prompt with n demonstrations per toolset taken from training problems with solutions.
-
-    Returns the prompt and the training problems left for sampling (demonstration problems are removed).
-    """
-    n = cfg.teacher.n_demonstrations
-    demos: dict[str, list] = dict(cfg.teacher.prompt.demonstrations)
-    used: set[str] = set()
-    for toolset in sorted({p.toolset for p in train}):
-        if toolset in demos or n == 0:
-            continue
-        pool = [p for p in train if p.toolset == toolset and p.meta.get("solution")][:n]
-        demos[toolset] = demonstrations_from_problems(pool, cfg.agent.model_copy(update={"max_steps": 64}))
-        used |= {p.id for p in pool}
-    rest = ProblemSet(train.name, tuple(p for p in train if p.id not in used))
-    return cfg.teacher.prompt.model_copy(update={"demonstrations": demos}), rest
+    """The teacher's prompt with demonstrations from training problems, and the problems left to sample."""
+    limits = cfg.agent.model_copy(update={"max_steps": 64})
+    return with_demonstrations(cfg.teacher.prompt, train, cfg.teacher.n_demonstrations, limits)
 
 
 def make_backend(
@@ -69,11 +58,15 @@ def make_backend(
     return factory(**kwargs)
 
 
-def sample(cfg: RunConfig, backend: Backend, prompt: PromptSpec, problems: ProblemSet) -> list[ChainRecord]:
+def sample(cfg: RunConfig, backend: Backend, prompt: PromptSpec, problems: ProblemSet, out_dir: Path) -> list[ChainRecord]:
+    """N chains per problem through the sharded, resumable sampler (one engine for every shard)."""
     s = cfg.teacher.sampling
-    agent = Agent(prompt, cfg.agent, model_id=backend.model_id)
+    agent = Agent(prompt, cfg.agent, model_id=backend.model_id, chat=backend.chat)
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens_per_step)
-    return run_chains(agent, backend, list(problems), s.samples_per_problem, params, s.seed)
+    results = sample_problems(
+        agent, backend, problems, s.samples_per_problem, params, out_dir, s.seed, s.shard_size, progress=s.progress
+    )
+    return read_shards(results)
 
 
 @dataclass
@@ -122,7 +115,7 @@ def run(cfg: RunConfig) -> RunResult:
     with make_backend(
         cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options, sample_set
     ) as backend:
-        chains = sample(cfg, backend, prompt, sample_set)
+        chains = sample(cfg, backend, prompt, sample_set, out / "shards")
     t["sampling"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

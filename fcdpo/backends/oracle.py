@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Sequence
 
 from fcdpo.agent import CALL_PREFIX
@@ -33,9 +34,12 @@ def _corrupt(call: str, rng: random.Random) -> str:
 
 
 class OracleBackend(Backend):
-    def __init__(self, problems: Sequence[Problem], error_rate: float = 0.0, model_id: str = "oracle"):
+    def __init__(
+        self, problems: Sequence[Problem], error_rate: float = 0.0, model_id: str = "oracle", delay_s: float = 0.0
+    ):
         self.by_question = {p.question: p for p in problems}
         self.error_rate = error_rate
+        self.delay_s = delay_s  # per generate call: stands in for an engine's latency
         self.model_id = model_id
         self.calls = 0
 
@@ -54,6 +58,8 @@ class OracleBackend(Backend):
         return problem, n_done
 
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         out = []
         for prompt, p in zip(prompts, params, strict=True):
             self.calls += 1

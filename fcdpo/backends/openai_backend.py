@@ -1,0 +1,114 @@
+"""The ``openai`` backend: any OpenAI-compatible completions / chat-completions endpoint.
+
+Use it for a remote teacher: ``vllm serve`` (or ``python -m vllm.entrypoints.openai.api_server``) on a
+GPU box, or a hosted 70B model. Each chain's request carries its own seed; requests of one step run
+concurrently. Transient failures (5xx, 429, timeouts, connection resets) are retried with exponential
+backoff and jitter; any other 4xx is a clear error at once. The API key is read from the environment
+variable named by ``api_key_env`` and never appears in logs, reprs or error messages.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
+
+
+class BackendError(RuntimeError):
+    """A request the server refused (4xx) or that still failed after every retry."""
+
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class OpenAIBackend(Backend):
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        chat: bool = False,
+        served_model_name: str | None = None,
+        concurrency: int = 32,
+        timeout_s: float = 60.0,
+        max_retries: int = 8,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 20.0,
+    ):
+        self.model_id = model
+        self.served = served_model_name or model
+        self.base_url = base_url.rstrip("/")
+        self.chat = chat
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.retries = 0  # transient failures retried so far (for logs and tests)
+        key = os.environ.get(api_key_env)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(
+            headers=headers, timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency)
+        )
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai")
+
+    def __repr__(self) -> str:  # no key in here
+        return f"OpenAIBackend(model={self.model_id!r}, base_url={self.base_url!r})"
+
+    def _request(self, prompt: Prompt, p: SamplingParams) -> Generation:
+        body: dict[str, Any] = {
+            "model": self.served,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stop": list(p.stop),
+        }
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if isinstance(prompt, str):
+            url, body["prompt"] = f"{self.base_url}/completions", prompt
+        else:
+            url, body["messages"] = f"{self.base_url}/chat/completions", prompt
+        rng = random.Random(p.seed)
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self._client.post(url, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                reason = f"{type(e).__name__}"
+            else:
+                if r.status_code < 400:
+                    return self._parse(r.json())
+                if r.status_code not in RETRY_STATUS:
+                    raise BackendError(f"{url} answered {r.status_code}: {r.text[:300]}")
+                reason = f"HTTP {r.status_code}"
+            if attempt == self.max_retries:
+                raise BackendError(f"{url} failed {self.max_retries + 1} times; last: {reason}")
+            self.retries += 1
+            delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+            time.sleep(delay * (0.5 + rng.random() / 2))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _parse(data: dict[str, Any]) -> Generation:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        usage = data.get("usage") or {}
+        return Generation(
+            text=text or "",
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            finish_reason=choice.get("finish_reason") or "stop",
+        )
+
+    def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
+        return list(self._pool.map(self._request, prompts, params))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._client.close()

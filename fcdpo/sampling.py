@@ -1,0 +1,227 @@
+"""Sample N chains per problem, sharded and resumable.
+
+A shard is a list of problems sampled ``samples`` times each. Its output is an append-only JSONL of
+chain records, keyed by (problem id, sample index), written as chains finish and flushed to disk after
+every step batch. A shard's *identity* hashes everything that determines its records (problem digest,
+model id and weights hash, prompt hashes, sampling parameters, agent limits, code version); the output
+file is named by it, so changing any input starts a new file instead of mixing records.
+
+Re-running a shard skips finished keys. After a kill at any moment, the torn last line (if any) is cut
+off and its chain re-sampled, so every (problem, sample) ends up in the file exactly once; with the same
+seeds the re-sampled chain is the same chain.
+
+The main loop (``sample_shard``) is the agent's step-synchronous loop with a writer around it: each step
+is one ``backend.generate`` over every active chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from fcdpo.agent import Agent, chain_seed, step_seed
+from fcdpo.backends.base import Backend, SamplingParams
+from fcdpo.hashing import code_version, digest
+from fcdpo.labelling import AutoLabeller
+from fcdpo.problems.base import ProblemSet
+from fcdpo.records import ChainRecord
+
+
+class ShardSpec(BaseModel):
+    """Everything that determines a shard's records."""
+
+    problem_digest: str
+    model_id: str
+    prompt_hashes: dict[str, str] = Field(description="toolset -> prompt hash")
+    samples: int
+    sampling: dict
+    limits: dict
+    base_seed: int
+    code_version: str
+
+    @property
+    def identity(self) -> str:
+        return digest(self.model_dump(), 20)
+
+
+def split_shards(problems: ProblemSet, shard_size: int) -> list[ProblemSet]:
+    """Consecutive, deterministic shards of at most ``shard_size`` problems."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    return [
+        ProblemSet(f"{problems.name}[{i // shard_size}]", problems.problems[i : i + shard_size])
+        for i in range(0, len(problems), shard_size)
+    ]
+
+
+def recover(path: Path) -> set[tuple[str, int]]:
+    """Keys already in a shard file. A torn last line (killed writer) is cut off the file."""
+    done: set[tuple[str, int]] = set()
+    if not path.exists():
+        return done
+    good = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                d = json.loads(line)
+                key = (d["problem_id"], d["sample_index"])
+            except (ValueError, KeyError):
+                break  # a corrupt line: everything after it is re-sampled
+            if key in done:
+                raise RuntimeError(f"{path}: duplicate record {key}; the shard file was written twice")
+            done.add(key)
+            good += len(line)
+    if good != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return done
+
+
+@dataclass
+class ShardResult:
+    path: Path
+    identity: str
+    total: int
+    resumed: int  # records found from an earlier run
+    sampled: int  # records written by this run
+    seconds: float
+    completion_tokens: int
+    correct: int
+
+    def records(self) -> list[ChainRecord]:
+        from fcdpo.records import read_jsonl
+
+        return list(read_jsonl(self.path))
+
+
+class Progress:
+    """tqdm bar: chains done, chains/s, tokens/s, running accuracy."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.correct = 0
+        self.finished = 0
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="chain", dynamic_ncols=True)
+
+    def update(self, finished: int, correct: int, tokens: int) -> None:
+        self.finished += finished
+        self.correct += correct
+        self.tokens += tokens
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            acc = self.correct / self.finished if self.finished else 0.0
+            self.bar.set_postfix_str(f"{self.finished / dt:.2f} chains/s, {self.tokens / dt:.0f} tok/s, acc {acc:.1%}")
+            self.bar.update(finished)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def shard_spec(agent: Agent, backend: Backend, problems: ProblemSet, samples: int, sampling: SamplingParams, base_seed: int) -> ShardSpec:
+    toolsets = sorted({p.toolset for p in problems})
+    return ShardSpec(
+        problem_digest=problems.digest,
+        model_id=backend.model_id,
+        prompt_hashes={t: agent.builder(t).hash for t in toolsets},
+        samples=samples,
+        sampling={k: v for k, v in sampling.__dict__.items() if k != "seed"},
+        limits=agent.limits.model_dump(),
+        base_seed=base_seed,
+        code_version=code_version(),
+    )
+
+
+def sample_shard(
+    agent: Agent,
+    backend: Backend,
+    problems: ProblemSet,
+    samples: int,
+    sampling: SamplingParams,
+    out_dir: str | Path,
+    base_seed: int = 0,
+    progress: bool = False,
+) -> ShardResult:
+    spec = shard_spec(agent, backend, problems, samples, sampling, base_seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"shard-{spec.identity}.jsonl"
+    manifest = out / f"shard-{spec.identity}.json"
+    if not manifest.exists():
+        tmp = manifest.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**spec.model_dump(), "identity": spec.identity, "problems": [p.id for p in problems]}, indent=1))
+        os.replace(tmp, manifest)
+
+    done = recover(path)
+    by_id = problems.by_id()
+    label = AutoLabeller()
+    chains = [
+        agent.new_chain(p, i, chain_seed(base_seed, p.id, i))
+        for p in problems
+        for i in range(samples)
+        if (p.id, i) not in done
+    ]
+    bar = Progress(len(problems) * samples, len(done), progress, f"shard {spec.identity[:8]}")
+    t0 = time.perf_counter()
+    written = tokens = correct = 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            active = [c for c in chains if not c.done]
+            while active:
+                prompts = agent.prompts(active)
+                params = [replace(sampling, seed=step_seed(c)) for c in active]
+                gens = backend.generate(prompts, params)
+                agent.advance(active, gens)
+                step_tokens = sum(g.completion_tokens for g in gens)
+                finished = [c for c in active if c.done]
+                n_ok = 0
+                for c in finished:
+                    r = c.to_record()
+                    verdict = label(r, by_id[r.problem_id]).verdict
+                    n_ok += verdict == "correct"
+                    f.write(r.model_copy(update={"verdict": verdict.value}).model_dump_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                written += len(finished)
+                tokens += step_tokens
+                correct += n_ok
+                bar.update(len(finished), n_ok, step_tokens)
+                active = [c for c in active if not c.done]
+    finally:
+        bar.close()
+    return ShardResult(path, spec.identity, len(problems) * samples, len(done), written, time.perf_counter() - t0, tokens, correct)
+
+
+def sample_problems(
+    agent: Agent,
+    backend: Backend,
+    problems: ProblemSet,
+    samples: int,
+    sampling: SamplingParams,
+    out_dir: str | Path,
+    base_seed: int = 0,
+    shard_size: int = 64,
+    progress: bool = False,
+) -> list[ShardResult]:
+    """All shards of a problem set, one after the other, through one backend (one engine)."""
+    return [
+        sample_shard(agent, backend, shard, samples, sampling, out_dir, base_seed, progress)
+        for shard in split_shards(problems, shard_size)
+    ]
+
+
+def read_shards(results: Sequence[ShardResult]) -> list[ChainRecord]:
+    return [r for res in results for r in res.records()]
