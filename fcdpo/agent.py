@@ -31,7 +31,10 @@ from fcdpo.records import CallRecord, ChainRecord, Message
 from fcdpo.toolsets import TOOLSETS, ChainEnv, Function, FunctionError, Toolset
 
 TEMPLATE_VERSION = "fcdpo-agent-v1"
-CALL_PREFIX = ">>> "
+# The prompt ends at ">>>" and the model's reply starts with the space: ending a prompt in a space puts
+# an unnatural token boundary there (the demonstrations tokenise ">>> Add" as ">>>", " Add"), and the
+# 270M base model then wrote "25 = Add(...)" instead of a call.
+CALL_PREFIX = ">>>"
 
 DEFAULT_SYSTEM = (
     "You solve problems by calling functions, exactly one call per line, written like Python. "
@@ -79,7 +82,7 @@ class AgentLimits(BaseModel):
 def _transcript_turns(messages: Sequence[Message]) -> str:
     out = []
     for m in messages:
-        out.append(f"{m.content}\n" if m.role == "assistant" else f"{m.content}\n{CALL_PREFIX}")
+        out.append(f" {m.content}\n" if m.role == "assistant" else f"{m.content}\n{CALL_PREFIX}")
     return "".join(out)
 
 
@@ -245,8 +248,8 @@ class Agent:
             chain.stop_reason = "aborted"
             return
         reply = gen.text.strip()
-        if reply.startswith(CALL_PREFIX.strip()):
-            reply = reply[len(CALL_PREFIX.strip()) :].strip()
+        if reply.startswith(CALL_PREFIX):
+            reply = reply[len(CALL_PREFIX) :].strip()
         try:
             output, record = self._execute(chain, reply)
         except (CallSyntaxError, FunctionError) as e:

@@ -58,13 +58,23 @@ def make_backend(
     return factory(**kwargs)
 
 
-def sample(cfg: RunConfig, backend: Backend, prompt: PromptSpec, problems: ProblemSet, out_dir: Path) -> list[ChainRecord]:
+def sample(
+    cfg: RunConfig, backend: Backend, prompt: PromptSpec, problems: ProblemSet, out_dir: Path
+) -> list[ChainRecord]:
     """N chains per problem through the sharded, resumable sampler (one engine for every shard)."""
     s = cfg.teacher.sampling
     agent = Agent(prompt, cfg.agent, model_id=backend.model_id, chat=backend.chat)
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens_per_step)
     results = sample_problems(
-        agent, backend, problems, s.samples_per_problem, params, out_dir, s.seed, s.shard_size, progress=s.progress
+        agent,
+        backend,
+        problems,
+        s.samples_per_problem,
+        params,
+        out_dir,
+        s.seed,
+        s.shard_size,
+        progress=s.progress,
     )
     return read_shards(results)
 

@@ -70,14 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     from fcdpo.pipeline import make_backend
 
     limits = AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries)
-    prompt, rest = with_demonstrations(PromptSpec(), problems, args.demos, limits.model_copy(update={"max_steps": 64}))
+    prompt, rest = with_demonstrations(
+        PromptSpec(), problems, args.demos, limits.model_copy(update={"max_steps": 64})
+    )
     rest = rest.head(args.n_problems)
     t0 = time.perf_counter()
     with make_backend(args.backend, args.model, options, problems) as backend:
         agent = Agent(prompt, limits, model_id=backend.model_id, chat=backend.chat)
         sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
         results = sample_problems(
-            agent, backend, rest, args.samples, sp, args.out, args.seed, args.shard_size, progress=not args.no_progress
+            agent,
+            backend,
+            rest,
+            args.samples,
+            sp,
+            args.out,
+            args.seed,
+            args.shard_size,
+            progress=not args.no_progress,
         )
     seconds = time.perf_counter() - t0
     sampled = sum(r.sampled for r in results)
@@ -90,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(seconds, 2),
         "sampling_seconds": round(sum(r.seconds for r in results), 2),
         "chains_per_s": round(sampled / max(sum(r.seconds for r in results), 1e-9), 3),
-        "tokens_per_s": round(sum(r.completion_tokens for r in results) / max(sum(r.seconds for r in results), 1e-9), 1),
+        "tokens_per_s": round(
+            sum(r.completion_tokens for r in results) / max(sum(r.seconds for r in results), 1e-9), 1
+        ),
         "shards": [str(r.path) for r in results],
     }
     print(json.dumps(summary))

@@ -123,7 +123,9 @@ class Progress:
         if self.bar is not None:
             dt = max(time.perf_counter() - self.t0, 1e-9)
             acc = self.correct / self.finished if self.finished else 0.0
-            self.bar.set_postfix_str(f"{self.finished / dt:.2f} chains/s, {self.tokens / dt:.0f} tok/s, acc {acc:.1%}")
+            self.bar.set_postfix_str(
+                f"{self.finished / dt:.2f} chains/s, {self.tokens / dt:.0f} tok/s, acc {acc:.1%}"
+            )
             self.bar.update(finished)
 
     def close(self) -> None:
@@ -131,7 +133,14 @@ class Progress:
             self.bar.close()
 
 
-def shard_spec(agent: Agent, backend: Backend, problems: ProblemSet, samples: int, sampling: SamplingParams, base_seed: int) -> ShardSpec:
+def shard_spec(
+    agent: Agent,
+    backend: Backend,
+    problems: ProblemSet,
+    samples: int,
+    sampling: SamplingParams,
+    base_seed: int,
+) -> ShardSpec:
     toolsets = sorted({p.toolset for p in problems})
     return ShardSpec(
         problem_digest=problems.digest,
@@ -162,7 +171,12 @@ def sample_shard(
     manifest = out / f"shard-{spec.identity}.json"
     if not manifest.exists():
         tmp = manifest.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**spec.model_dump(), "identity": spec.identity, "problems": [p.id for p in problems]}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {**spec.model_dump(), "identity": spec.identity, "problems": [p.id for p in problems]},
+                indent=1,
+            )
+        )
         os.replace(tmp, manifest)
 
     done = recover(path)
@@ -202,7 +216,16 @@ def sample_shard(
                 active = [c for c in active if not c.done]
     finally:
         bar.close()
-    return ShardResult(path, spec.identity, len(problems) * samples, len(done), written, time.perf_counter() - t0, tokens, correct)
+    return ShardResult(
+        path,
+        spec.identity,
+        len(problems) * samples,
+        len(done),
+        written,
+        time.perf_counter() - t0,
+        tokens,
+        correct,
+    )
 
 
 def sample_problems(

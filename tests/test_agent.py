@@ -61,7 +61,7 @@ def test_prompt_lists_functions_examples_demos_and_problem():
         "Problem: What is 1+1?\n>>> Add(a=1, b=1)\n2\n>>> Answer(value=2)\nok\n>>> Stop()\n",
     ]:
         assert needed in text
-    assert text.endswith(f"Problem: {P.question}\n>>> ")
+    assert text.endswith(f"Problem: {P.question}\n>>>")
 
 
 def test_prompt_hash_versions_template_toolset_and_demos():

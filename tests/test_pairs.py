@@ -97,9 +97,9 @@ def test_best_vs_worst_picks_cleanest_correct_and_worst_incorrect():
 def test_failed_tries_are_stripped_from_completions_by_default():
     recs = [chain(P1, 0, 5, failed_first=True), chain(P1, 1, 6)]
     [r] = rows(PairsConfig(), recs)
-    assert "Add(2," not in r["chosen"] and r["chosen"].startswith("Answer(5)")
+    assert "Add(2," not in r["chosen"] and r["chosen"].startswith(" Answer(5)")
     [r] = rows(PairsConfig(strip_failed_tries=False), recs)
-    assert r["chosen"].startswith("Add(2,\nError: x\n>>> Answer(5)")
+    assert r["chosen"].startswith(" Add(2,\nError: x\n>>> Answer(5)")
 
 
 def test_aborted_chains_are_never_paired():
@@ -113,7 +113,7 @@ def test_prompt_is_the_students_without_teacher_demonstrations():
     out = rows(PairsConfig(), student=student)
     assert all("DEMO QUESTION" not in r["prompt"] for r in out)
     r = next(r for r in out if r["problem_id"] == "p1")
-    assert r["prompt"].endswith("Problem: What is 2+3?\n>>> ")
+    assert r["prompt"].endswith("Problem: What is 2+3?\n>>>")
     assert (
         r["chosen"].endswith(">>> Stop()\n") and "Answer(5)" in r["chosen"] and "Answer(6)" in r["rejected"]
     )

@@ -35,7 +35,11 @@ def _corrupt(call: str, rng: random.Random) -> str:
 
 class OracleBackend(Backend):
     def __init__(
-        self, problems: Sequence[Problem], error_rate: float = 0.0, model_id: str = "oracle", delay_s: float = 0.0
+        self,
+        problems: Sequence[Problem],
+        error_rate: float = 0.0,
+        model_id: str = "oracle",
+        delay_s: float = 0.0,
     ):
         self.by_question = {p.question: p for p in problems}
         self.error_rate = error_rate
