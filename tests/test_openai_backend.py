@@ -94,7 +94,12 @@ class FaultProxy:
                     return
                 if fault == "delay":
                     time.sleep(1.0)
-                resp = httpx.post(upstream + self.path, content=body, headers={"Content-Type": "application/json"}, timeout=120)
+                resp = httpx.post(
+                    upstream + self.path,
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=120,
+                )
                 self.send_response(resp.status_code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(resp.content)))
@@ -134,7 +139,12 @@ def test_faults_are_retried_and_the_run_completes_exactly(server, tmp_path):
     proxy = FaultProxy(server, rate=0.2, seed=3)
     try:
         with OpenAIBackend(
-            "gemma-3-270m", f"{proxy.url}/v1", served_model_name="gemma", concurrency=8, backoff_s=0.05, max_retries=10
+            "gemma-3-270m",
+            f"{proxy.url}/v1",
+            served_model_name="gemma",
+            concurrency=8,
+            backoff_s=0.05,
+            max_retries=10,
         ) as be:
             rest, recs = _run(be, tmp_path)
     finally:
@@ -149,7 +159,9 @@ def test_faults_are_retried_and_the_run_completes_exactly(server, tmp_path):
 
 def test_4xx_is_a_clear_error_not_a_retry_and_the_key_never_leaks(server, monkeypatch):
     monkeypatch.setenv("FCDPO_TEST_KEY", "sk-very-secret")
-    be = OpenAIBackend("gemma-3-270m", f"{server}/v1", served_model_name="no-such-model", api_key_env="FCDPO_TEST_KEY")
+    be = OpenAIBackend(
+        "gemma-3-270m", f"{server}/v1", served_model_name="no-such-model", api_key_env="FCDPO_TEST_KEY"
+    )
     with pytest.raises(BackendError) as e:
         be.generate(["Problem: 1+1?\n>>>"], [SamplingParams()])
     assert " answered 404" in str(e.value) and be.retries == 0

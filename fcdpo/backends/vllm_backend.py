@@ -66,6 +66,9 @@ class VLLMBackend(Backend):
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             engine_kwargs.setdefault("enable_chunked_prefill", False)
             engine_kwargs.setdefault("max_num_batched_tokens", max(8192, max_model_len))
+            # the CPU default KV block is 128 tokens, so each step re-prefilled up to 127 uncached tokens per
+            # chain; 32 (the CPU backend's preferred multiple) raised agent tokens/s 45 -> 57 in bench/sampling.py
+            engine_kwargs.setdefault("block_size", 32)
         from vllm import LLM
 
         self.resolved = resolved
@@ -177,6 +180,6 @@ def server_command(
     env = dict(os.environ)
     if not gpu:
         argv += ["--enforce-eager", "--dtype", _cpu_dtype(), "--no-enable-chunked-prefill"]
-        argv += ["--max-num-batched-tokens", str(max(8192, max_model_len))]
+        argv += ["--max-num-batched-tokens", str(max(8192, max_model_len)), "--block-size", "32"]
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return argv + list(extra), env

@@ -1,0 +1,130 @@
+"""Sampling throughput on the default model: the agent sampler vs the engine's own limit, and batched vs naive.
+
+- agent_vs_raw_tokens_ratio: generated tokens/s of the step-synchronous agent sampler, divided by tokens/s
+  of one raw ``llm.generate`` call that produces the same number of tokens from the same initial prompts
+  (no stop strings, fixed length): what the engine can do. Target >= 0.8.
+- batched_vs_naive_chains_ratio: chains/s of the batched sampler vs a naive loop that runs one chain at a
+  time to completion (as microchain does), same backend and chains. Target >= 5.
+
+All figures come from one run on one engine. Last line: one JSON object.
+
+    python bench/sampling.py [--chains 64] [--naive-chains 16] [--block-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chains", type=int, default=64, help="chains in the batched run (problems x samples)")
+    ap.add_argument("--samples", type=int, default=4, help="chains per problem")
+    ap.add_argument("--naive-chains", type=int, default=64, help="chains in the naive one-at-a-time run")
+    ap.add_argument("--demos", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size (prefix-cache granularity)")
+    args = ap.parse_args()
+
+    from vllm import SamplingParams as VSP
+
+    from fcdpo.agent import Agent, AgentLimits, PromptSpec, chain_seed, step_seed
+    from fcdpo.backends import SamplingParams
+    from fcdpo.backends.vllm_backend import VLLMBackend
+    from fcdpo.demos import with_demonstrations
+    from fcdpo.problems import ProblemSet, load_source
+    from fcdpo.sampling import sample_shard
+
+    n_problems = args.chains // args.samples
+    fol = load_source("fol", n=n_problems // 2 + args.demos, seed=7, difficulty="easy")
+    ar = load_source("arith", n=n_problems - n_problems // 2 + args.demos, seed=7, steps=1)
+    limits = AgentLimits(max_steps=10, max_tries=2)
+    prompt, rest = with_demonstrations(
+        PromptSpec(),
+        ProblemSet.concat("bench", [fol, ar]),
+        args.demos,
+        limits.model_copy(update={"max_steps": 64}),
+    )
+    kw = {"block_size": args.block_size} if args.block_size else {}
+    t0 = time.perf_counter()
+    be = VLLMBackend("gemma-3-270m", **kw)
+    start_s = time.perf_counter() - t0
+    agent = Agent(prompt, limits, model_id=be.model_id)
+    sp = SamplingParams(temperature=0.7, max_tokens=args.max_tokens)
+
+    # warm-up (first calls compile/allocate), not timed
+    be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
+
+    with tempfile.TemporaryDirectory() as d:
+        res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
+        batched_s, tokens = res.seconds, res.completion_tokens
+        chains = res.sampled
+        recs = res.records()
+    agent_tps = tokens / batched_s
+
+    # the engine's own limit: one generate call, same prompts, same number of tokens
+    first = [
+        agent.prompts([agent.new_chain(p, i, chain_seed(1, p.id, i))])[0]
+        for p in rest
+        for i in range(args.samples)
+    ]
+    per = max(1, round(tokens / len(first)))
+    raw_params = [
+        VSP(temperature=0.7, max_tokens=per, min_tokens=per, ignore_eos=True, seed=i)
+        for i in range(len(first))
+    ]
+    t0 = time.perf_counter()
+    outs = be.llm.generate(first, raw_params, use_tqdm=False)
+    raw_s = time.perf_counter() - t0
+    raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    raw_tps = raw_tokens / raw_s
+
+    # naive: one chain at a time to completion (microchain's loop), same backend
+    naive_problems = [p for p in rest for _ in range(args.samples)][: args.naive_chains]
+    t0 = time.perf_counter()
+    naive_tokens = 0
+    for k, p in enumerate(naive_problems):
+        c = agent.new_chain(p, k, chain_seed(2, p.id, k))
+        while not c.done:
+            [g] = be.generate(
+                agent.prompts([c]),
+                [SamplingParams(temperature=0.7, max_tokens=args.max_tokens, seed=step_seed(c))],
+            )
+            agent.advance([c], [g])
+            naive_tokens += g.completion_tokens
+    naive_s = time.perf_counter() - t0
+    naive_cps = len(naive_problems) / naive_s
+    batched_cps = chains / batched_s
+    be.close()
+
+    print(
+        f"batched: {chains} chains, {tokens} tokens in {batched_s:.1f} s; raw: {raw_tokens} tokens in {raw_s:.1f} s; naive: {len(naive_problems)} chains in {naive_s:.1f} s"
+    )
+    print(
+        json.dumps(
+            {
+                "agent_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
+                "batched_vs_naive_chains_ratio": round(batched_cps / naive_cps, 2),
+                "agent_tokens_per_s": round(agent_tps, 1),
+                "raw_tokens_per_s": round(raw_tps, 1),
+                "batched_chains_per_s": round(batched_cps, 3),
+                "naive_chains_per_s": round(naive_cps, 4),
+                "chains": chains,
+                "naive_chains": len(naive_problems),
+                "mean_steps": round(sum(r.n_steps + r.n_failed for r in recs) / len(recs), 2),
+                "engine_start_s": round(start_s, 1),
+                "block_size": args.block_size,
+                "machine": f"{platform.machine()} cores={os.cpu_count()}",
+                "targets": {"agent_vs_raw_tokens_ratio": 0.8, "batched_vs_naive_chains_ratio": 5},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
