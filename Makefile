@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/fcdpo run --config configs/default.yaml --set teacher.backend=oracle --set teacher.backend_options.error_rate=0.25
+	$(VENV)/bin/fcdpo run --config configs/default.yaml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

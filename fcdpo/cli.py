@@ -22,7 +22,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print(
-        f"fcdpo run: config {args.config}, teacher {cfg.teacher.model} via {cfg.teacher.backend}",
+        f"fcdpo run: config {args.config}, teacher {cfg.teacher.model} via {cfg.teacher.backend}, "
+        f"student {cfg.student.model}, stages {', '.join(cfg.stages)}",
         file=sys.stderr,
     )
     result = pipeline.run(cfg)
@@ -31,6 +32,11 @@ def _run(args: argparse.Namespace) -> int:
     for task, s in summary["per_task"].items():
         print(f"{task:<8} {s['chains']:>7} {s['correct']:>8} {s['pairs']:>6}")
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
+    if result.comparison:
+        from fcdpo.evaluation import format_table
+
+        print(f"pairs {summary['pairs']}, DPO steps {summary['training']['steps']}")
+        print(format_table(result.before, result.after, result.comparison))
     print(f"outputs: {summary['out_dir']}")
     if args.summary_json:
         with open(args.summary_json, "w") as f:

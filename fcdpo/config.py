@@ -10,14 +10,16 @@ Errors name the file, the line and the field::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fcdpo.agent import AgentLimits, PromptSpec
+from fcdpo.evaluation import EvalConfig
 from fcdpo.pairs import PAIR_STRATEGIES, PairsConfig
 from fcdpo.problems import PROBLEM_SOURCES
+from fcdpo.training import TrainingConfig
 
 
 class _Strict(BaseModel):
@@ -70,6 +72,9 @@ class TeacherConfig(_Strict):
 class StudentConfig(_Strict):
     model: str = Field("gemma-3-270m", description="model name, HF id or local path")
     prompt: PromptSpec = Field(default_factory=PromptSpec, description="student prompt: no demonstrations")
+    backend: str = Field("vllm", description="backend that serves the student for evaluation")
+    backend_options: dict[str, Any] = Field(default_factory=dict, description="backend keyword arguments")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="DPO + LoRA settings")
 
     @field_validator("prompt")
     @classmethod
@@ -89,6 +94,11 @@ class RunConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="before/after evaluation")
+    stages: list[Literal["sample", "pairs", "train", "evaluate"]] = Field(
+        ["sample", "pairs", "train", "evaluate"],
+        description="stages to run, in the method's order (later stages need the earlier ones' outputs)",
+    )
 
     @field_validator("pairs")
     @classmethod

@@ -87,9 +87,7 @@ def convert_embedded_gemma(dest_root: Path | None = None) -> ResolvedModel:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             gguf = pkg.assemble(root / "gguf" / pkg.MODEL_NAME)  # verifies the sha256
-            tmp = Path(
-                tempfile.mkdtemp(prefix=".convert-", dir=dest.parent if dest.parent.exists() else None)
-            )
+            tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=_ensure(dest.parent)))
             try:
                 tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
                 tok.add_bos_token = (
@@ -137,3 +135,45 @@ def resolve_model(name: str = DEFAULT_MODEL) -> ResolvedModel:
     return ResolvedModel(
         name, path, path.name if len(path.name) >= 32 else _folder_hash(path), _chat_template(path)
     )
+
+
+def merge_adapter(
+    base: ResolvedModel, adapter_dir: str | Path, dest_root: Path | None = None
+) -> ResolvedModel:
+    """Base + LoRA adapter merged into a plain HF folder, cached by (base weights, adapter files) hash.
+
+    vLLM-CPU served a LoRA adapter 4x slower than a merged copy, so evaluation on CPU uses this.
+    """
+    adapter_dir = Path(adapter_dir)
+    h = hashlib.sha256(base.weights_hash.encode())
+    for f in sorted(adapter_dir.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    key = "merged-" + h.hexdigest()[:24]
+    root = dest_root or cache_root()
+    dest = root / "models" / key
+    with _locked(root / "locks" / f"{key}.lock"):
+        if not (dest / "config.json").exists():
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=_ensure(dest.parent)))
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+                model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+                model.save_pretrained(str(tmp))  # float32: bf16 would round away small LoRA deltas
+                AutoTokenizer.from_pretrained(str(base.path)).save_pretrained(str(tmp))
+                (tmp / "fcdpo_source.json").write_text(
+                    json.dumps({"base": base.model_id, "adapter": str(adapter_dir.resolve())})
+                )
+                tmp.rename(dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return ResolvedModel(f"{base.name}+{adapter_dir.parent.name}", dest, key, base.has_chat_template)
+
+
+def _ensure(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -12,8 +12,10 @@ trained on the valid turns only), ``drop_no_contrast`` (prompts without both ver
 completions render identically, are left out).
 
 The output is TRL's preference format: ``prompt``, ``chosen``, ``rejected``. ``prompt`` is the *student's*
-prompt (no teacher demonstrations); plain text for the transcript format, messages for chat. Chains stream
-in: only one rendered completion per distinct chain is held, never the pairs.
+prompt (no teacher demonstrations); plain text for the transcript format, messages for chat. Beside them,
+``chosen_messages`` / ``rejected_messages`` (JSON) keep the turn structure, so training can tell the model's
+turns from the tool results that the environment wrote (``fcdpo.training`` masks the latter). Chains stream
+in: only one compact copy of the turns per distinct chain is held, never the pairs.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pydantic import BaseModel, Field
 from fcdpo.agent import PromptBuilder, PromptSpec
 from fcdpo.labelling import AutoLabeller, Verdict
 from fcdpo.problems.base import Problem
-from fcdpo.records import ChainRecord
+from fcdpo.records import ChainRecord, Message
 from fcdpo.registry import Registry
 from fcdpo.toolsets import TOOLSETS
 
@@ -63,7 +65,7 @@ class PairsConfig(BaseModel):
     seed: int = Field(0, description="seed of the pair sampling")
 
 
-# A candidate chain is a plain tuple (completion, sample_index, verdict, n_steps, n_failed) of str/int.
+# A candidate chain is a plain tuple (turns as JSON, sample_index, verdict, n_steps, n_failed) of str/int.
 # A million of them stay alive while chains stream in; exact tuples of atoms are untracked by Python's
 # cyclic GC, so holding them costs no collector time (dataclass or NamedTuple instances would be re-scanned).
 Candidate = tuple[str, int, str, int, int]
@@ -79,6 +81,11 @@ class PromptGroup:
     seen_incorrect: set[str] = field(default_factory=set)
     n_chains: int = 0
     n_aborted: int = 0
+
+
+def decode_turns(turns_json: str) -> list[Message]:
+    """The ``chosen_messages`` / ``rejected_messages`` column back to messages."""
+    return [Message(role=role, content=content) for role, content in json.loads(turns_json)]
 
 
 Strategy = Callable[[PromptGroup, PairsConfig, random.Random], Iterator[tuple[Candidate, Candidate]]]
@@ -143,8 +150,7 @@ class PairBuilder:
             g.n_aborted += 1
             return
         msgs = [m for m in r.messages if not m.failed] if self.cfg.strip_failed_tries else r.messages
-        completion = self.builder(problem.toolset).completion(msgs)
-        text = json.dumps(completion, ensure_ascii=False) if self.chat else completion
+        text = json.dumps([[m.role, m.content] for m in msgs], ensure_ascii=False, separators=(",", ":"))
         good = verdict is Verdict.CORRECT
         if self.cfg.dedup:
             seen = g.seen_correct if good else g.seen_incorrect
@@ -166,14 +172,19 @@ class PairBuilder:
             g.seen_correct.clear()
             g.seen_incorrect.clear()
             rng = random.Random(f"{self.cfg.seed}:{pid}")
-            prompt = self.builder(g.problem.toolset).initial(g.problem)
+            builder = self.builder(g.problem.toolset)
+            prompt = builder.initial(g.problem)
             for w, lose in self.strategy(g, self.cfg, rng):
-                if self.cfg.drop_no_contrast and w[TEXT] == lose[TEXT]:
+                chosen, rejected = self._render(builder, w[TEXT]), self._render(builder, lose[TEXT])
+                if self.cfg.drop_no_contrast and chosen == rejected:
                     continue
                 yield {
                     "prompt": prompt,
-                    "chosen": json.loads(w[TEXT]) if self.chat else w[TEXT],
-                    "rejected": json.loads(lose[TEXT]) if self.chat else lose[TEXT],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "chosen_messages": w[TEXT],
+                    "rejected_messages": lose[TEXT],
+                    "toolset": g.problem.toolset,
                     "problem_id": pid,
                     "task": g.problem.task,
                     "chosen_sample": w[INDEX],
@@ -181,6 +192,10 @@ class PairBuilder:
                     "chosen_verdict": w[VERDICT],
                     "rejected_verdict": lose[VERDICT],
                 }
+
+    @staticmethod
+    def _render(builder: PromptBuilder, turns_json: str):
+        return builder.completion(decode_turns(turns_json))
 
     def counts(self, n_pairs: dict[str, int]) -> list[dict[str, Any]]:
         out = []

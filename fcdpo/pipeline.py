@@ -1,7 +1,7 @@
 """The method, top to bottom, as plain functions (the Prefect flows wrap these same calls).
 
 problems -> teacher prompt (few-shot demos) -> sample N chains per problem -> label -> pairs
-(-> DPO -> evaluate before/after: the training and evaluation issues add these stages)
+-> DPO (LoRA) of the student -> evaluate before/after on held-out problems in the same agent loop
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import inspect
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,14 @@ from fcdpo.agent import Agent, PromptSpec
 from fcdpo.backends import BACKENDS, Backend, SamplingParams
 from fcdpo.config import RunConfig
 from fcdpo.demos import with_demonstrations
+from fcdpo.evaluation import EvalResult, compare, evaluate, format_table
 from fcdpo.labelling import label_records
+from fcdpo.models import ResolvedModel, merge_adapter, resolve_model
 from fcdpo.pairs import PairsResult, build_pairs
 from fcdpo.problems import Problem, ProblemSet, load_source
 from fcdpo.records import ChainRecord, write_jsonl
 from fcdpo.sampling import read_shards, sample_problems
+from fcdpo.training import TrainResult, train_dpo
 
 
 def load_problems(cfg: RunConfig) -> tuple[ProblemSet, ProblemSet]:
@@ -84,14 +89,19 @@ class RunResult:
     out_dir: Path
     train: ProblemSet
     test: ProblemSet
-    chains: list[ChainRecord]
-    pairs: PairsResult
+    chains: list[ChainRecord] = field(default_factory=list)
+    pairs: PairsResult | None = None
+    training: TrainResult | None = None
+    before: EvalResult | None = None
+    after: EvalResult | None = None
+    comparison: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         verdicts = Counter((r.task, r.verdict) for r in self.chains)
         tasks = sorted({t for t, _ in verdicts})
-        return {
+        pair_counts = self.pairs.counts if self.pairs else []
+        out: dict[str, Any] = {
             "out_dir": str(self.out_dir),
             "train_problems": len(self.train),
             "test_problems": len(self.test),
@@ -101,46 +111,144 @@ class RunResult:
                     "chains": sum(v for (tt, _), v in verdicts.items() if tt == t),
                     "correct": verdicts.get((t, "correct"), 0),
                     "verdicts": {v: c for (tt, v), c in verdicts.items() if tt == t},
-                    "pairs": sum(c["n_pairs"] for c in self.pairs.counts if c["task"] == t),
+                    "pairs": sum(c["n_pairs"] for c in pair_counts if c["task"] == t),
                 }
                 for t in tasks
             },
-            "pairs": self.pairs.n_pairs,
-            "prompts_with_pairs": self.pairs.n_prompts,
+            "pairs": self.pairs.n_pairs if self.pairs else 0,
+            "prompts_with_pairs": self.pairs.n_prompts if self.pairs else 0,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
         }
+        if self.training:
+            out["training"] = {
+                "adapter": str(self.training.adapter_dir),
+                "steps": self.training.manifest["global_step"],
+            }
+        if self.before:
+            out["before"] = self.before.metrics
+        if self.after:
+            out["after"] = self.after.metrics
+        if self.comparison:
+            out["comparison"] = self.comparison
+        return out
 
 
-def run(cfg: RunConfig) -> RunResult:
+class _Stopwatch(dict):
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _same_engine(cfg: RunConfig) -> bool:
+    t, s = cfg.teacher, cfg.student
+    return (t.backend, t.model, t.backend_options) == (s.backend, s.model, s.backend_options)
+
+
+def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+    """The method, top to bottom. Each stage writes under ``out_dir/name`` and the summary says how long
+    it took. ``metrics`` receives the training metrics as they are logged."""
     out = Path(cfg.out_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    t: dict[str, float] = {}
+    sw = _Stopwatch()
+    stages = set(cfg.stages)
 
-    t0 = time.perf_counter()
-    train, test = load_problems(cfg)
-    prompt, sample_set = teacher_prompt(cfg, train)
-    t["problems"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    with make_backend(
-        cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options, sample_set
-    ) as backend:
-        chains = sample(cfg, backend, prompt, sample_set, out / "shards")
-    t["sampling"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
+    with sw.stage("problems"):
+        train, test = load_problems(cfg)
+        prompt, sample_set = teacher_prompt(cfg, train)
+    result = RunResult(out, train, test, seconds=sw)
     by_id = {p.id: p for p in train}
-    chains = label_records(chains, by_id, cfg.pairs.require_stop)
-    write_jsonl(chains, out / "chains.jsonl")
-    t["labelling"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    pairs = build_pairs(chains, by_id, out / "pairs", cfg.student.prompt, cfg.pairs)
-    t["pairs"] = time.perf_counter() - t0
+    # 1. the teacher samples N chains per training problem (its engine also evaluates the untrained
+    #    student when both are the same model on the same backend: one engine start saved)
+    if "sample" in stages:
+        with make_backend(
+            cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options, sample_set
+        ) as backend:
+            with sw.stage("sampling"):
+                chains = sample(cfg, backend, prompt, sample_set, out / "shards")
+            if "evaluate" in stages and _same_engine(cfg):
+                with sw.stage("eval_before"):
+                    result.before = evaluate_student(cfg, backend, test, out / "eval" / "before")
 
-    result = RunResult(out, train, test, chains, pairs, t)
+        # 2. label every chain against the ground truth
+        with sw.stage("labelling"):
+            result.chains = label_records(chains, by_id, cfg.pairs.require_stop)
+            write_jsonl(result.chains, out / "chains.jsonl")
+
+    # 3. pairs: every correct x every incorrect chain per prompt (capped), in the student's prompt
+    if "pairs" in stages:
+        with sw.stage("pairs"):
+            result.pairs = build_pairs(result.chains, by_id, out / "pairs", cfg.student.prompt, cfg.pairs)
+
+    # 4. DPO of the student (LoRA) on the pairs
+    student = resolve_model(cfg.student.model) if {"train", "evaluate"} & stages else None
+    if "train" in stages and result.pairs is not None and result.pairs.n_pairs:
+        with sw.stage("training"):
+            result.training = train_dpo(
+                result.pairs.parquet,
+                student.path,
+                out / "training",
+                cfg.student.training,
+                cfg.student.prompt,
+                model_id=student.model_id,
+                model_hash=student.weights_hash,
+                callbacks=[metrics] if metrics else (),
+            )
+
+    # 5. evaluate before and after in the same agent loop, on the held-out problems
+    if "evaluate" in stages:
+        if result.before is None:
+            with sw.stage("eval_before"), student_backend(cfg, student) as backend:
+                result.before = evaluate_student(cfg, backend, test, out / "eval" / "before")
+        if result.training is not None:
+            with sw.stage("eval_after"), student_backend(cfg, student, result.training.adapter_dir) as b:
+                result.after = evaluate_student(cfg, b, test, out / "eval" / "after")
+            result.comparison = compare(result.before, result.after, cfg.evaluation)
+            write_report(result, out / "eval")
+
     (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
     return result
+
+
+def student_backend(cfg: RunConfig, student: ResolvedModel, adapter: Path | None = None) -> Backend:
+    """The student's engine: the base model, or base + adapter (a merged copy, or vLLM LoRA)."""
+    options = dict(cfg.student.backend_options)
+    model = str(student.path)
+    if adapter is not None and cfg.evaluation.adapter_mode == "merged":
+        model = str(merge_adapter(student, adapter).path)
+    elif adapter is not None:
+        options.update(enable_lora=True, max_lora_rank=max(16, cfg.student.training.lora.r))
+    backend = make_backend(cfg.student.backend, model, options)
+    if adapter is not None and cfg.evaluation.adapter_mode != "merged":
+        backend.use_adapter(str(adapter))  # type: ignore[attr-defined]
+    return backend
+
+
+def evaluate_student(cfg: RunConfig, backend: Backend, test: ProblemSet, out_dir: Path) -> EvalResult:
+    result = evaluate(
+        backend, list(test), cfg.student.prompt, cfg.agent, cfg.evaluation, cfg.pairs.require_stop
+    )
+    result.save(out_dir)
+    return result
+
+
+def write_report(result: RunResult, out_dir: Path) -> None:
+    """comparison.json, report.md (the before/after table) and the PNG plots."""
+    from fcdpo import plots
+
+    assert result.before and result.after and result.comparison is not None
+    (out_dir / "comparison.json").write_text(json.dumps(result.comparison, indent=2))
+    table = format_table(result.before, result.after, result.comparison)
+    (out_dir / "report.md").write_text(table + "\n")
+    plots.accuracy_bars(result.before.metrics, result.after.metrics, out_dir / "accuracy.png")
+    if result.training:
+        plots.training_curves(result.training.history, out_dir / "training_curves.png")
+    if any("pass_at_k" in m for m in result.before.metrics.values()):
+        plots.pass_at_k_curves(result.before.metrics, result.after.metrics, out_dir / "pass_at_k.png")
 
 
 def problems_by_id(*sets: ProblemSet) -> dict[str, Problem]:

@@ -56,3 +56,70 @@ def gsm8k_style_file(path):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def build_tiny_model(root, chat_template: str | None = None):
+    """A tiny random Llama with a byte-level BPE tokenizer trained in the test (no hub, a few seconds)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from fcdpo.toolsets import TOOLSETS
+
+    corpus = [TOOLSETS.get(n).docs() for n in ("arithmetic", "fol")] + [
+        "Problem: Tom has 3 apples. >>> Add(a=3, b=4)\n7\n>>> Answer(7)\n>>> Stop()\n",
+        "Reasoning(\"The rule says all cats are animals\") Prove(premises=[...], statement='x')",
+    ]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<bos>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus * 4, trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    cfg = LlamaConfig(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(root))
+    fast.save_pretrained(str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def oracle_pairs(out_dir, n=12, samples=6, error_rate=0.4, student=None, max_pairs=3):
+    """Real chains from the oracle teacher on FOL + arithmetic problems, paired (for training tests)."""
+    from fcdpo.agent import Agent
+    from fcdpo.backends.oracle import OracleBackend
+    from fcdpo.pairs import PairsConfig, build_pairs
+    from fcdpo.problems import ProblemSet, load_source
+
+    problems = ProblemSet.concat(
+        "p", [load_source("fol", n=n // 2, seed=5, difficulty="easy"), load_source("arith", n=n // 2, seed=5)]
+    )
+    from fcdpo.agent import run_chains
+    from fcdpo.labelling import label_records
+
+    backend = OracleBackend(list(problems), error_rate=error_rate)
+    chains = run_chains(Agent(), backend, list(problems), samples, base_seed=2)
+    by_id = {p.id: p for p in problems}
+    chains = label_records(chains, by_id)
+    cfg = PairsConfig(max_pairs_per_prompt=max_pairs)
+    return build_pairs(chains, by_id, out_dir, student, cfg, save_dataset=False), problems

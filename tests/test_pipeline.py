@@ -39,6 +39,7 @@ teacher:
   n_demonstrations: 1
   sampling: {{samples_per_problem: 6}}
 pairs: {{max_pairs_per_prompt: 2}}
+stages: [sample, pairs]
 """
     )
     out = subprocess.run(

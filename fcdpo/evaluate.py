@@ -1,0 +1,89 @@
+"""Evaluate any model (+ adapter) on any problem file, in the agent loop used for sampling.
+
+    python -m fcdpo.evaluate --model gemma-3-270m [--adapter runs/default/training/adapter] \\
+        --problems problems.jsonl --out DIR [--k 4] [--backend vllm]
+
+``--problems`` is a JSONL file of ``id, question, answer, toolset`` rows (the ``jsonl`` source) or a file in
+GSM8K's own schema (``question``, ``answer`` ending in ``#### N``). Writes ``DIR/greedy.jsonl``,
+``DIR/sampled.jsonl``, ``DIR/metrics.json``; prints per-task accuracy with its CI as the last line (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fcdpo.agent import AgentLimits, PromptSpec
+from fcdpo.evaluation import EvalConfig, evaluate
+from fcdpo.problems import ProblemSet, load_source
+from fcdpo.problems.jsonl import ProblemFileError, read_jsonl_rows
+
+
+def load_problem_file(path: str) -> ProblemSet:
+    """A JSONL problem file in either schema (decided by the first row's fields)."""
+    rows = read_jsonl_rows(path)
+    if not rows:
+        raise ProblemFileError(path, 1, None, "no problems in the file")
+    first = rows[0][1]
+    gsm8k = isinstance(first, dict) and "toolset" not in first and "question" in first and "id" not in first
+    return load_source("gsm8k" if gsm8k else "jsonl", path=path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fcdpo.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma-3-270m", help="model name, HF id or local folder")
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (from fcdpo training)")
+    ap.add_argument("--problems", required=True, help="JSONL problem file")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--k", type=int, default=4, help="sampled chains per problem for pass@k (0: greedy only)")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--max-steps", type=int, default=12)
+    ap.add_argument("--max-tries", type=int, default=2)
+    ap.add_argument("--backend", default="vllm", help="registered backend serving the model")
+    ap.add_argument("--adapter-mode", default="merged", choices=["merged", "lora"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    try:
+        problems = load_problem_file(args.problems)
+    except (ProblemFileError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from fcdpo.models import merge_adapter, resolve_model
+    from fcdpo.pipeline import make_backend
+
+    model, options = args.model, {}
+    if args.adapter and args.adapter_mode == "merged":
+        model = str(merge_adapter(resolve_model(args.model), args.adapter).path)
+    elif args.adapter:
+        options["enable_lora"] = True
+    cfg = EvalConfig(k=args.k, temperature=args.temperature, seed=args.seed, adapter_mode=args.adapter_mode)
+    limits = AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries)
+    with make_backend(args.backend, model, options, problems) as backend:
+        if args.adapter and args.adapter_mode == "lora":
+            backend.use_adapter(str(Path(args.adapter).resolve()))  # type: ignore[attr-defined]
+        result = evaluate(backend, list(problems), PromptSpec(), limits, cfg)
+    result.save(args.out)
+    line = {
+        "model": result.model_id,
+        "adapter": args.adapter,
+        "problems": args.problems,
+        "per_task": {
+            t: {
+                "n": m["n"],
+                "accuracy": m["accuracy"],
+                "ci": m["ci"],
+                "format_error_rate": m["format_error_rate"],
+            }
+            for t, m in result.metrics.items()
+        },
+    }
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
