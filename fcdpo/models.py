@@ -39,6 +39,16 @@ class ResolvedModel:
         return f"{self.name}@{self.weights_hash[:12]}"
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX). Without them bf16 is emulated and slow: vLLM
+    ran ~2.5x faster in float32, DPO training steps 2.6x faster in float32 than under bf16 autocast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("FCDPO_CACHE", Path.home() / ".cache" / "fcdpo"))
 

@@ -21,11 +21,10 @@ import contextlib
 import gc
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
-from fcdpo.models import DEFAULT_MODEL, resolve_model
+from fcdpo.models import DEFAULT_MODEL, cpu_has_bf16, resolve_model
 
 
 def _on_gpu() -> bool:
@@ -38,11 +37,7 @@ def _on_gpu() -> bool:
 
 
 def _cpu_dtype() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "float32"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 class VLLMBackend(Backend):
