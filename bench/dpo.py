@@ -10,7 +10,7 @@
 Each side runs in its own subprocess (a clean process: no shared caches or patches). Last line: JSON with
 ``train_time_ratio_vs_trl_default`` (target <= 0.75).
 
-    python bench/dpo.py [--steps 8] [--batch-size 4] [--pairs 32]
+    python bench/dpo.py [--steps 4] [--batch-size 4] [--pairs 16]
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def run_trl_default(pairs: str, model: str, out: str, steps: int, bs: int, lr: f
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--pairs", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)

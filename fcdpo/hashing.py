@@ -46,3 +46,29 @@ def code_version() -> str:
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return f"{fcdpo.__version__}+{h.hexdigest()[:12]}"
+
+
+def identity(obj: Any) -> Any:
+    """A JSON-able content identity for cache keys: problem sets by digest, files by sha256, folders by
+    their files, pydantic models by their fields, models by name + weights hash."""
+    if hasattr(obj, "digest") and hasattr(obj, "problems"):  # ProblemSet
+        return {"problems": obj.digest}
+    if hasattr(obj, "weights_hash"):  # ResolvedModel
+        return {"model": obj.name, "weights": obj.weights_hash}
+    if isinstance(obj, Path):
+        if obj.is_file():
+            return {"file": file_sha256(obj)}
+        if obj.is_dir():
+            return {
+                "dir": {
+                    str(p.relative_to(obj)): file_sha256(p) for p in sorted(obj.rglob("*")) if p.is_file()
+                }
+            }
+        return {"missing": str(obj)}
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, list | tuple):
+        return [identity(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): identity(v) for k, v in obj.items()}
+    return obj

@@ -187,3 +187,11 @@ def merge_adapter(
 def _ensure(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def model_identity(name: str, backend: str = "vllm") -> str:
+    """What cache keys use for a model: ``name@weights-hash`` where fcdpo loads the weights (``vllm``), the
+    backend-qualified name where it does not (``openai`` serves remote weights, ``oracle`` has none)."""
+    if backend == "vllm":
+        return resolve_model(name).model_id
+    return f"{backend}:{name}"

@@ -10,19 +10,19 @@ import inspect
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcdpo.agent import Agent, PromptSpec
+from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import BACKENDS, Backend, SamplingParams
-from fcdpo.config import RunConfig
+from fcdpo.config import RunConfig, StudentConfig, TeacherConfig
 from fcdpo.demos import with_demonstrations
 from fcdpo.evaluation import EvalResult, compare, evaluate, format_table
 from fcdpo.labelling import label_records
-from fcdpo.models import ResolvedModel, merge_adapter, resolve_model
+from fcdpo.models import merge_adapter, resolve_model
 from fcdpo.pairs import PairsResult, build_pairs
 from fcdpo.problems import Problem, ProblemSet, load_source
 from fcdpo.records import ChainRecord, write_jsonl
@@ -45,10 +45,12 @@ def load_problems(cfg: RunConfig) -> tuple[ProblemSet, ProblemSet]:
     return train, test
 
 
-def teacher_prompt(cfg: RunConfig, train: ProblemSet) -> tuple[PromptSpec, ProblemSet]:
+def teacher_prompt(
+    teacher: TeacherConfig, limits: AgentLimits, train: ProblemSet
+) -> tuple[PromptSpec, ProblemSet]:
     """The teacher's prompt with demonstrations from training problems, and the problems left to sample."""
-    limits = cfg.agent.model_copy(update={"max_steps": 64})
-    return with_demonstrations(cfg.teacher.prompt, train, cfg.teacher.n_demonstrations, limits)
+    limits = limits.model_copy(update={"max_steps": 64})
+    return with_demonstrations(teacher.prompt, train, teacher.n_demonstrations, limits)
 
 
 def make_backend(
@@ -158,7 +160,7 @@ def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None 
 
     with sw.stage("problems"):
         train, test = load_problems(cfg)
-        prompt, sample_set = teacher_prompt(cfg, train)
+        prompt, sample_set = teacher_prompt(cfg.teacher, cfg.agent, train)
     result = RunResult(out, train, test, seconds=sw)
     by_id = {p.id: p for p in train}
 
@@ -185,9 +187,9 @@ def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None 
             result.pairs = build_pairs(result.chains, by_id, out / "pairs", cfg.student.prompt, cfg.pairs)
 
     # 4. DPO of the student (LoRA) on the pairs
-    student = resolve_model(cfg.student.model) if {"train", "evaluate"} & stages else None
     if "train" in stages and result.pairs is not None and result.pairs.n_pairs:
         with sw.stage("training"):
+            student = resolve_model(cfg.student.model)
             result.training = train_dpo(
                 result.pairs.parquet,
                 student.path,
@@ -202,33 +204,44 @@ def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None 
     # 5. evaluate before and after in the same agent loop, on the held-out problems
     if "evaluate" in stages:
         if result.before is None:
-            with sw.stage("eval_before"), student_backend(cfg, student) as backend:
+            with sw.stage("eval_before"), student_backend(cfg) as backend:
                 result.before = evaluate_student(cfg, backend, test, out / "eval" / "before")
         if result.training is not None:
-            with sw.stage("eval_after"), student_backend(cfg, student, result.training.adapter_dir) as b:
+            with sw.stage("eval_after"), student_backend(cfg, result.training.adapter_dir) as b:
                 result.after = evaluate_student(cfg, b, test, out / "eval" / "after")
             result.comparison = compare(result.before, result.after, cfg.evaluation)
-            write_report(result, out / "eval")
+            write_report(
+                out / "eval", result.before, result.after, result.comparison, result.training.history
+            )
 
     (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
     return result
 
 
-def student_backend(cfg: RunConfig, student: ResolvedModel, adapter: Path | None = None) -> Backend:
-    """The student's engine: the base model, or base + adapter (a merged copy, or vLLM LoRA)."""
-    options = dict(cfg.student.backend_options)
-    model = str(student.path)
-    if adapter is not None and cfg.evaluation.adapter_mode == "merged":
-        model = str(merge_adapter(student, adapter).path)
-    elif adapter is not None:
-        options.update(enable_lora=True, max_lora_rank=max(16, cfg.student.training.lora.r))
-    backend = make_backend(cfg.student.backend, model, options)
-    if adapter is not None and cfg.evaluation.adapter_mode != "merged":
-        backend.use_adapter(str(adapter))  # type: ignore[attr-defined]
+def student_engine(
+    s: StudentConfig, adapter_mode: str = "merged", adapter: Path | None = None
+) -> tuple[str, str, dict[str, Any], str | None]:
+    """(backend name, model, backend options, LoRA adapter to select) serving the student: the base model,
+    or base + adapter as a merged copy (cached by hash) or through vLLM's LoRA support."""
+    options = dict(s.backend_options)
+    if adapter is None:
+        return s.backend, s.model, options, None
+    if adapter_mode == "merged":
+        return s.backend, str(merge_adapter(resolve_model(s.model), adapter).path), options, None
+    options.update(enable_lora=True, max_lora_rank=max(16, s.training.lora.r))
+    return s.backend, s.model, options, str(adapter)
+
+
+def student_backend(cfg: RunConfig, adapter: Path | None = None) -> Backend:
+    name, model, options, lora = student_engine(cfg.student, cfg.evaluation.adapter_mode, adapter)
+    backend = make_backend(name, model, options)
+    if lora is not None:
+        backend.use_adapter(lora)  # type: ignore[attr-defined]
     return backend
 
 
 def evaluate_student(cfg: RunConfig, backend: Backend, test: ProblemSet, out_dir: Path) -> EvalResult:
+    """The student's prompt and the run's agent limits on the held-out problems; saved to ``out_dir``."""
     result = evaluate(
         backend, list(test), cfg.student.prompt, cfg.agent, cfg.evaluation, cfg.pairs.require_stop
     )
@@ -236,19 +249,26 @@ def evaluate_student(cfg: RunConfig, backend: Backend, test: ProblemSet, out_dir
     return result
 
 
-def write_report(result: RunResult, out_dir: Path) -> None:
-    """comparison.json, report.md (the before/after table) and the PNG plots."""
+def write_report(
+    out_dir: Path,
+    before: EvalResult,
+    after: EvalResult,
+    comparison: dict[str, Any],
+    history: Sequence[dict[str, float]] = (),
+) -> str:
+    """comparison.json, report.md (the before/after table, also returned) and the PNG plots."""
     from fcdpo import plots
 
-    assert result.before and result.after and result.comparison is not None
-    (out_dir / "comparison.json").write_text(json.dumps(result.comparison, indent=2))
-    table = format_table(result.before, result.after, result.comparison)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    table = format_table(before, after, comparison)
     (out_dir / "report.md").write_text(table + "\n")
-    plots.accuracy_bars(result.before.metrics, result.after.metrics, out_dir / "accuracy.png")
-    if result.training:
-        plots.training_curves(result.training.history, out_dir / "training_curves.png")
-    if any("pass_at_k" in m for m in result.before.metrics.values()):
-        plots.pass_at_k_curves(result.before.metrics, result.after.metrics, out_dir / "pass_at_k.png")
+    plots.accuracy_bars(before.metrics, after.metrics, out_dir / "accuracy.png")
+    if history:
+        plots.training_curves(history, out_dir / "training_curves.png")
+    if any("pass_at_k" in m for m in before.metrics.values()):
+        plots.pass_at_k_curves(before.metrics, after.metrics, out_dir / "pass_at_k.png")
+    return table
 
 
 def problems_by_id(*sets: ProblemSet) -> dict[str, Problem]:

@@ -1,0 +1,65 @@
+"""What every task shares: content-hash cache keys, the transient-failure retry rule, shared engines.
+
+Cache keys hash what determines a result, never object identities: problem sets by their digest, files
+by their sha256, configs by their content, models by name + weights hash, plus the task name and the
+fcdpo code version (``fcdpo.hashing.identity``). Changing one input changes that task's key and the keys
+of every task downstream of it (their inputs are its outputs' contents).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+from fcdpo.backends import Backend
+from fcdpo.hashing import code_version, digest, identity
+
+# parameters that do not change a result (handles and switches)
+NOT_IN_KEY = {"engines", "progress", "tracking"}
+
+
+def content_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn``: task name + code version + the content identity of every input."""
+    inputs = {k: identity(v) for k, v in sorted(parameters.items()) if k not in NOT_IN_KEY}
+    return f"{context.task.name}-{digest({'code': code_version(), 'inputs': inputs}, 32)}"
+
+
+TRANSIENT_NAMES = ("EngineDeadError", "EngineGenerateError", "BrokenProcessPool", "RemoteProtocolError")
+
+
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry engine crashes, lost connections and OOM-killed workers;
+    never bad input or config (ValueError, ConfigError, ProblemFileError, ...)."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError, MemoryError, concurrent.futures.BrokenExecutor):
+        return True
+    except Exception as e:  # engine errors come from optional packages: match them by name
+        return any(n in type(e).__name__ for n in TRANSIENT_NAMES) or "Engine core" in str(e)
+    return False
+
+
+class Engines:
+    """Backends opened on first use and shared by every task in this process (the ``local`` executor:
+    all shards sample through one vLLM engine). A run whose tasks all come from cache opens none."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, Backend] = {}
+
+    def get(self, name: str, model: str, options: dict[str, Any], problems: Any = None) -> Backend:
+        from fcdpo.pipeline import make_backend
+
+        key = digest([name, model, options])
+        if key not in self._open:
+            self.close()  # one engine at a time: a CPU box or one GPU holds one model
+            self._open[key] = make_backend(name, model, options, problems)
+        return self._open[key]
+
+    def close(self) -> None:
+        for b in self._open.values():
+            b.close()
+        self._open.clear()
+
+    @property
+    def opened(self) -> int:
+        return len(self._open)

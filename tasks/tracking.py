@@ -1,0 +1,105 @@
+"""MLflow lineage: one parent run per pipeline run, a child run per stage, datasets with digests.
+
+Uses ``MlflowClient`` with explicit run ids (Prefect may run tasks in other threads, and MLflow's fluent
+"active run" is per thread). Large tables are logged as a digest + source (``MetaDataset``) with the
+full file as an artifact, so ``log_input`` never serialises a big table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fcdpo.config import RunConfig
+from fcdpo.hashing import file_sha256
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return out
+
+
+class Tracker:
+    def __init__(self, cfg: RunConfig, tracking_uri: str | None, flow_run_id: str | None, ui_url: str | None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri or DEFAULT_TRACKING_URI
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name("fcdpo") or None
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment("fcdpo")
+        tags = {"fcdpo.config": cfg.name}
+        if flow_run_id:
+            tags.update({"prefect.flow_run_id": flow_run_id, "prefect.flow_run_url": ui_url or ""})
+        self.parent = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
+        params = flatten(cfg.model_dump(mode="json"))
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.parent, params=items[i : i + 100])
+        self._mlflow = mlflow
+        self.children: dict[str, str] = {}
+        self._train_run: str | None = None
+
+    def child(self, stage: str) -> str:
+        if stage not in self.children:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=stage,
+                tags={"mlflow.parentRunId": self.parent, "fcdpo.stage": stage},
+            )
+            self.children[stage] = run.info.run_id
+        return self.children[stage]
+
+    def dataset(
+        self, stage: str, name: str, path: str | Path, digest: str | None = None, context: str = ""
+    ) -> None:
+        """Log a dataset (digest + source) as an input of the stage's run, and the file as an artifact."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        path = Path(path)
+        digest = digest or (file_sha256(path) if path.is_file() else None)
+        ds = MetaDataset(resolve_dataset_source(str(path.resolve())), name=name, digest=(digest or "")[:36])
+        entity = ds._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", context)] if context else []
+        run = self.child(stage)
+        self.client.log_inputs(run, datasets=[DatasetInput(entity, tags)])
+        if path.is_file() and path.stat().st_size < 200_000_000:
+            self.client.log_artifact(run, str(path), artifact_path="data")
+
+    def metrics(self, stage: str, metrics: dict[str, float], step: int = 0) -> None:
+        run = self.child(stage)
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and v == v:  # skip NaN
+                self.client.log_metric(run, k.replace("/", "_"), float(v), step=step)
+
+    def training_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """The training callback (fcdpo.training.MetricsSink): streamed into the train-dpo child run."""
+        self.metrics("train-dpo", metrics, step)
+
+    def artifacts(self, stage: str, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        run = self.child(stage)
+        if p.is_dir():
+            self.client.log_artifacts(run, str(p), artifact_path)
+        elif p.is_file():
+            self.client.log_artifact(run, str(p), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        for run in [*self.children.values(), self.parent]:
+            self.client.set_terminated(run, status)
+
+    def run_url(self) -> str:
+        return f"{self.uri} experiment {self.experiment_id} run {self.parent}"

@@ -1,0 +1,112 @@
+"""The Prefect pipeline flow on a real (ephemeral) Prefect API and a real MLflow sqlite store.
+
+Tiny config: the oracle teacher (gold solutions with injected errors), a tiny random student trained for
+two DPO steps, evaluated through the oracle backend. Asserts lineage in MLflow and content-hash caching.
+"""
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("prefect")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _cfg(tmp_path, tiny_model, **over):
+    from fcdpo.config import RunConfig
+
+    data = {
+        "name": "tiny-flow",
+        "out_dir": str(tmp_path / "runs"),
+        "problems": {
+            "sources": [
+                {"source": "fol", "params": {"n": 10, "seed": 4, "difficulty": "easy"}},
+                {"source": "arith", "params": {"n": 10, "seed": 4, "steps": 1}},
+            ],
+            "test_fraction": 0.3,
+        },
+        "agent": {"max_steps": 14, "max_tries": 2},
+        "teacher": {
+            "backend": "oracle",
+            "backend_options": {"error_rate": 0.4},
+            "n_demonstrations": 1,
+            "sampling": {"samples_per_problem": 4, "progress": False},
+        },
+        "student": {
+            "model": str(tiny_model),
+            "backend": "oracle",
+            "training": {"max_steps": 2, "batch_size": 2, "save_steps": 1},
+        },
+        "pairs": {"max_pairs_per_prompt": 2},
+        "evaluation": {"k": 0, "bootstrap": 200},
+    }
+    for k, v in over.items():
+        d = data
+        *path, last = k.split(".")
+        for p in path:
+            d = d[p]
+        d[last] = v
+    return RunConfig.model_validate(data)
+
+
+def _task_states(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as c:
+            runs = await c.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            return {(r.name.rsplit("-", 1)[0], r.state_name) for r in runs}
+
+    return asyncio.run(read())
+
+
+def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, tiny_model):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(tmp_path, tiny_model)
+    state = pipeline(cfg, uri, return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+    assert summary["pairs"] > 0 and summary["steps"] == 2 and set(summary["comparison"]) >= {"all"}
+
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["mlflow_run"])
+    assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert parent.data.params["pairs.max_pairs_per_prompt"] == "2"
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {r.data.tags["fcdpo.stage"]: r for r in children}
+    assert {"sampling", "pairs", "train-dpo", "eval-before", "eval-after", "report"} <= set(stages)
+    pairs_inputs = stages["pairs"].inputs.dataset_inputs
+    assert pairs_inputs and len(pairs_inputs[0].dataset.digest) >= 16
+    assert "loss" in stages["train-dpo"].data.metrics
+    arts = {a.path for a in client.list_artifacts(stages["train-dpo"].info.run_id, "adapter")}
+    assert "adapter/fcdpo_manifest.json" in arts and "adapter/adapter_model.safetensors" in arts
+
+    # the same config again: every task comes from cache
+    again = pipeline(cfg, uri, return_state=True)
+    assert again.is_completed()
+    states = _task_states(again.state_details.flow_run_id)
+    assert states and {s for _, s in states} == {"Cached"}, states
+    assert again.result()["comparison"] == summary["comparison"]
+
+    # one changed input (the pair cap) re-runs pairs and everything downstream, not sampling
+    changed = pipeline(
+        _cfg(tmp_path, tiny_model, **{"pairs.max_pairs_per_prompt": 1}), uri, return_state=True
+    )
+    by_task = dict(_task_states(changed.state_details.flow_run_id))
+    assert by_task["sample-shard"] == "Cached" and by_task["label"] == "Cached"
+    assert by_task["build-pairs"] == "Completed" and by_task["train-dpo"] == "Completed"
