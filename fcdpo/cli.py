@@ -26,6 +26,8 @@ def _run(args: argparse.Namespace) -> int:
         f"student {cfg.student.model}, stages {', '.join(cfg.stages)}",
         file=sys.stderr,
     )
+    if args.prefect:
+        return _run_flow(cfg, args)
     result = pipeline.run(cfg)
     summary = result.summary()
     print(f"{'task':<8} {'chains':>7} {'correct':>8} {'pairs':>6}")
@@ -44,6 +46,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_flow(cfg, args: argparse.Namespace) -> int:
+    """The same method as a Prefect flow of cached tasks with MLflow lineage (flows/pipeline.py)."""
+    from flows.pipeline import pipeline as flow
+
+    summary = flow(cfg, args.tracking_uri)
+    if "table" in summary:
+        print(summary["table"])
+    print(
+        f"chains {summary.get('chains')}, pairs {summary.get('pairs')}, engines started {summary.get('engines_started')}"
+    )
+    print(
+        f"MLflow: run {summary['mlflow_run']} ({args.tracking_uri or 'sqlite:///mlflow.db'}); outputs: {summary['out_dir']}"
+    )
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "problems":
@@ -56,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", default="configs/default.yaml")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     r.add_argument("--summary-json", default=None, help="also write the summary as JSON here")
+    r.add_argument(
+        "--prefect", action="store_true", help="run as the Prefect flow (cached tasks, MLflow lineage)"
+    )
+    r.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
     sub.add_parser("problems", help="print problems (see python -m fcdpo.problems --help)")
     args = ap.parse_args(argv)
     return _run(args)

@@ -204,10 +204,10 @@ def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None 
     # 5. evaluate before and after in the same agent loop, on the held-out problems
     if "evaluate" in stages:
         if result.before is None:
-            with sw.stage("eval_before"), student_backend(cfg) as backend:
+            with sw.stage("eval_before"), student_backend(cfg, None, test) as backend:
                 result.before = evaluate_student(cfg, backend, test, out / "eval" / "before")
         if result.training is not None:
-            with sw.stage("eval_after"), student_backend(cfg, result.training.adapter_dir) as b:
+            with sw.stage("eval_after"), student_backend(cfg, result.training.adapter_dir, test) as b:
                 result.after = evaluate_student(cfg, b, test, out / "eval" / "after")
             result.comparison = compare(result.before, result.after, cfg.evaluation)
             write_report(
@@ -232,9 +232,11 @@ def student_engine(
     return s.backend, s.model, options, str(adapter)
 
 
-def student_backend(cfg: RunConfig, adapter: Path | None = None) -> Backend:
+def student_backend(
+    cfg: RunConfig, adapter: Path | None = None, problems: ProblemSet | None = None
+) -> Backend:
     name, model, options, lora = student_engine(cfg.student, cfg.evaluation.adapter_mode, adapter)
-    backend = make_backend(name, model, options)
+    backend = make_backend(name, model, options, problems)
     if lora is not None:
         backend.use_adapter(lora)  # type: ignore[attr-defined]
     return backend

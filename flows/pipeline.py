@@ -66,9 +66,11 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None) -> dict[str, An
         pr = pairs(Path(chains["path"]), train_set, cfg.student.prompt, cfg.pairs, str(out / "pairs"))
         tracker.dataset("pairs", "pairs", pr["parquet"], context="training")
         tracker.metrics("pairs", {"pairs": pr["pairs"], "prompts": pr["prompts"]})
-        summary.update(chains=chains["chains"], pairs=pr["pairs"])
-        if not pr["pairs"]:
-            log.warning("no preference pairs (no prompt had both a correct and an incorrect chain)")
+        summary.update(chains=chains["chains"], pairs=pr["pairs"], engines_started=engines.started)
+        if not pr["pairs"] or "train" not in cfg.stages:
+            if not pr["pairs"]:
+                log.warning("no preference pairs (no prompt had both a correct and an incorrect chain)")
+            tracker.finish()
             return summary
 
         # 5. the untrained student, on held-out problems (on the teacher's engine if it is the same model)
@@ -100,7 +102,9 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None) -> dict[str, An
             ],
             key="results",
         )
-        summary.update(comparison=comparison, steps=trained["steps"], table=table)
+        summary.update(
+            comparison=comparison, steps=trained["steps"], table=table, engines_started=engines.started
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         tracker.finish()
         return summary

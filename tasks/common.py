@@ -45,6 +45,7 @@ class Engines:
 
     def __init__(self) -> None:
         self._open: dict[str, Backend] = {}
+        self.started = 0  # engines started by this run (0 when every model call came from cache)
 
     def get(self, name: str, model: str, options: dict[str, Any], problems: Any = None) -> Backend:
         from fcdpo.pipeline import make_backend
@@ -53,13 +54,10 @@ class Engines:
         if key not in self._open:
             self.close()  # one engine at a time: a CPU box or one GPU holds one model
             self._open[key] = make_backend(name, model, options, problems)
+            self.started += 1
         return self._open[key]
 
     def close(self) -> None:
         for b in self._open.values():
             b.close()
         self._open.clear()
-
-    @property
-    def opened(self) -> int:
-        return len(self._open)

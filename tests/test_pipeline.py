@@ -72,3 +72,36 @@ def test_cli_reports_config_errors_without_output(tmp_path):
         and f"{cfg}:4: problems.sources.0.source: unknown problem source 'nope'" in out.stderr
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_plain_pipeline_runs_every_stage(tmp_path, tiny_model):
+    """All stages without Prefect: oracle teacher, tiny student trained 2 steps, evaluated through the
+    oracle backend (it replays gold solutions, so 'after' is exact), report and plots written."""
+    from fcdpo.config import RunConfig
+    from fcdpo.pipeline import run
+
+    cfg = RunConfig.model_validate(
+        {
+            "name": "all-stages",
+            "out_dir": str(tmp_path / "runs"),
+            "problems": {"sources": [{"source": "arith", "params": {"n": 12, "seed": 2, "steps": 1}}], "test_fraction": 0.3},
+            "teacher": {"backend": "oracle", "backend_options": {"error_rate": 0.4}, "n_demonstrations": 1,
+                        "sampling": {"samples_per_problem": 4, "progress": False}},
+            "student": {"model": str(tiny_model), "backend": "oracle", "training": {"max_steps": 2, "batch_size": 2}},
+            "evaluation": {"k": 2, "bootstrap": 200},
+        }
+    )  # fmt: skip
+    result = run(cfg)
+    assert result.pairs.n_pairs > 0 and result.training.manifest["global_step"] == 2
+    assert (
+        result.comparison["all"]["n"] == len(result.test) and result.after.metrics["all"]["accuracy"] == 1.0
+    )
+    ev = tmp_path / "runs" / "all-stages" / "eval"
+    for f in ("report.md", "comparison.json", "accuracy.png", "training_curves.png", "pass_at_k.png"):
+        assert (ev / f).is_file(), f
+    s = json.loads((tmp_path / "runs" / "all-stages" / "summary.json").read_text())
+    assert s["comparison"]["all"]["after"] == 1.0 and set(s["seconds"]) >= {
+        "sampling",
+        "training",
+        "eval_after",
+    }
