@@ -88,3 +88,29 @@ def test_student_prompt_may_not_carry_demonstrations(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"student\.prompt: the student prompt takes no demonstrations"):
         load_config(f)
+
+
+@pytest.mark.parametrize("name", ["default", "paper"])
+def test_shipped_configs_resolve_every_field(name, tmp_path):
+    """Every registry name resolves and the training section builds a real TRL DPOConfig."""
+    from fcdpo.backends import BACKENDS
+    from fcdpo.pairs import PAIR_STRATEGIES
+    from fcdpo.problems import PROBLEM_SOURCES
+    from fcdpo.training import dpo_args
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert all(s.source in PROBLEM_SOURCES for s in cfg.problems.sources)
+    assert cfg.teacher.backend in BACKENDS and cfg.student.backend in BACKENDS
+    assert cfg.pairs.strategy in PAIR_STRATEGIES
+    args = dpo_args(cfg.student.training, tmp_path, gpu=False)
+    assert args.loss_type == cfg.student.training.loss_type and args.beta == cfg.student.training.beta
+    assert args.gradient_checkpointing is False and args.precompute_ref_log_probs is True
+    if name == "paper":
+        assert cfg.teacher.model == "meta-llama/Meta-Llama-3-70B-Instruct"
+        assert cfg.teacher.sampling.samples_per_problem == 1000
+        assert cfg.teacher.backend_options["tensor_parallel_size"] == 4
+        assert cfg.student.model == "mistralai/Mistral-7B-Instruct-v0.2"
+        assert cfg.student.training.quantization == "4bit" and cfg.student.prompt.format == "chat"
+        assert cfg.problems.sources[0].source == "gsm8k" and "path" not in cfg.problems.sources[0].params
+    else:
+        assert cfg.teacher.model == cfg.student.model == "gemma-3-270m" and cfg.teacher.n_demonstrations > 0
