@@ -110,3 +110,18 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     by_task = dict(_task_states(changed.state_details.flow_run_id))
     assert by_task["sample-shard"] == "Cached" and by_task["label"] == "Cached"
     assert by_task["build-pairs"] == "Completed" and by_task["train-dpo"] == "Completed"
+
+
+def test_single_stage_flows_retrain_from_pairs_and_evaluate_an_adapter(harness, tmp_path, tiny_model):
+    """Re-run one part: DPO from an existing pairs file, then evaluate that adapter (oracle backend)."""
+    from conftest import oracle_pairs
+
+    from flows.stages import evaluate_flow, train_flow
+
+    pr, _ = oracle_pairs(tmp_path / "pairs")
+    cfg = _cfg(tmp_path, tiny_model)
+    trained = train_flow(cfg, str(pr.parquet), str(tmp_path / "t"))
+    assert trained["steps"] == 2 and (tmp_path / "t" / "adapter" / "fcdpo_manifest.json").is_file()
+    metrics = evaluate_flow(cfg, trained["adapter"], str(tmp_path / "ev"))
+    assert metrics["all"]["n"] > 0 and metrics["all"]["accuracy"] == 1.0
+    assert (tmp_path / "ev" / "greedy.jsonl").is_file()
