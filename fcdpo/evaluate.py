@@ -52,19 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from fcdpo.models import merge_adapter, resolve_model
-    from fcdpo.pipeline import make_backend
+    from fcdpo.config import StudentConfig
+    from fcdpo.pipeline import student_backend
 
-    model, options = args.model, {}
-    if args.adapter and args.adapter_mode == "merged":
-        model = str(merge_adapter(resolve_model(args.model), args.adapter).path)
-    elif args.adapter:
-        options["enable_lora"] = True
     cfg = EvalConfig(k=args.k, temperature=args.temperature, seed=args.seed, adapter_mode=args.adapter_mode)
     limits = AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries)
-    with make_backend(args.backend, model, options, problems) as backend:
-        if args.adapter and args.adapter_mode == "lora":
-            backend.use_adapter(str(Path(args.adapter).resolve()))  # type: ignore[attr-defined]
+    student = StudentConfig(model=args.model, backend=args.backend)
+    adapter = Path(args.adapter) if args.adapter else None
+    with student_backend(student, args.adapter_mode, adapter, problems) as backend:
         result = evaluate(backend, list(problems), PromptSpec(), limits, cfg)
     result.save(args.out)
     line = {

@@ -204,10 +204,18 @@ def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None 
     # 5. evaluate before and after in the same agent loop, on the held-out problems
     if "evaluate" in stages:
         if result.before is None:
-            with sw.stage("eval_before"), student_backend(cfg, None, test) as backend:
+            with (
+                sw.stage("eval_before"),
+                student_backend(cfg.student, cfg.evaluation.adapter_mode, None, test) as backend,
+            ):
                 result.before = evaluate_student(cfg, backend, test, out / "eval" / "before")
         if result.training is not None:
-            with sw.stage("eval_after"), student_backend(cfg, result.training.adapter_dir, test) as b:
+            with (
+                sw.stage("eval_after"),
+                student_backend(
+                    cfg.student, cfg.evaluation.adapter_mode, result.training.adapter_dir, test
+                ) as b,
+            ):
                 result.after = evaluate_student(cfg, b, test, out / "eval" / "after")
             result.comparison = compare(result.before, result.after, cfg.evaluation)
             write_report(
@@ -229,13 +237,17 @@ def student_engine(
     if adapter_mode == "merged":
         return s.backend, str(merge_adapter(resolve_model(s.model), adapter).path), options, None
     options.update(enable_lora=True, max_lora_rank=max(16, s.training.lora.r))
-    return s.backend, s.model, options, str(adapter)
+    return s.backend, s.model, options, str(Path(adapter).resolve())
 
 
 def student_backend(
-    cfg: RunConfig, adapter: Path | None = None, problems: ProblemSet | None = None
+    s: StudentConfig,
+    adapter_mode: str = "merged",
+    adapter: Path | None = None,
+    problems: ProblemSet | None = None,
 ) -> Backend:
-    name, model, options, lora = student_engine(cfg.student, cfg.evaluation.adapter_mode, adapter)
+    """An open backend serving the student as :func:`student_engine` describes it."""
+    name, model, options, lora = student_engine(s, adapter_mode, adapter)
     backend = make_backend(name, model, options, problems)
     if lora is not None:
         backend.use_adapter(lora)  # type: ignore[attr-defined]
