@@ -1,6 +1,6 @@
 """Re-running the pipeline flow with nothing changed: every task from cache, no engine started.
 
-Runs ``fcdpo run --prefect --config C`` once (which may take the full run time when nothing is cached
+Runs ``fcdpo run --config C`` (the Prefect flow) once (which may take the full run time when nothing is cached
 yet), then again, timed. ``model_calls`` counts the engines the second run started (tasks reach models
 only through the engine pool; 0 means no model was loaded or called). Last line: JSON with
 ``rerun_seconds`` (target < 15) and ``model_calls`` (target 0).
@@ -27,9 +27,8 @@ def run_once(args: argparse.Namespace, summary: Path) -> float:
     cmd = [
         sys.executable,
         "-m",
-        "fcdpo.cli",
+        "flows.cli",
         "run",
-        "--prefect",
         "--config",
         args.config,
         "--summary-json",

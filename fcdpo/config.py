@@ -86,6 +86,33 @@ class StudentConfig(_Strict):
         return v
 
 
+class TrackingConfig(_Strict):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "with artifacts in ./mlartifacts (no server needed)",
+    )
+    experiment: str = Field("fcdpo", description="MLflow experiment the runs go to")
+
+
+class OrchestrationConfig(_Strict):
+    executor: Literal["local", "deployment"] = Field(
+        "local",
+        description="sampling fan-out: 'local' = shards run in the flow process sharing one engine; "
+        "'deployment' = each shard is a flow run of the sample-shard deployment (gpu work pool), "
+        "so N GPU workers sample in parallel (workers must share the run folder)",
+    )
+    shard_deployment: str = Field(
+        "sample-shard/sample-shard", description="'flow/deployment' name the deployment executor triggers"
+    )
+    shard_attempts: int = Field(
+        3,
+        ge=1,
+        description="deployment executor: flow runs per shard before giving up; a crashed run (worker "
+        "killed, OOM) is triggered again and resumes its shard file",
+    )
+
+
 class RunConfig(_Strict):
     name: str = Field("default", description="run name, used in output paths")
     out_dir: str = Field("runs", description="where run outputs are written")
@@ -98,6 +125,10 @@ class RunConfig(_Strict):
     stages: list[Literal["sample", "pairs", "train", "evaluate"]] = Field(
         ["sample", "pairs", "train", "evaluate"],
         description="stages to run, in the method's order (later stages need the earlier ones' outputs)",
+    )
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="how the Prefect flow fans out sampling"
     )
 
     @field_validator("pairs")

@@ -48,6 +48,9 @@ def code_version() -> str:
     return f"{fcdpo.__version__}+{h.hexdigest()[:12]}"
 
 
+FILE_KEYS = {"path", "file", "data_files"}
+
+
 def identity(obj: Any) -> Any:
     """A JSON-able content identity for cache keys: problem sets by digest, files by sha256, folders by
     their files, pydantic models by their fields, models by name + weights hash."""
@@ -66,9 +69,15 @@ def identity(obj: Any) -> Any:
             }
         return {"missing": str(obj)}
     if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
+        return identity(obj.model_dump(mode="json"))
     if isinstance(obj, list | tuple):
         return [identity(x) for x in obj]
     if isinstance(obj, dict):
-        return {str(k): identity(v) for k, v in obj.items()}
+        # a file named in a config (e.g. a JSONL problem set's ``path``) counts by content, not by name
+        return {
+            str(k): {"path": v, **identity(Path(v))}
+            if k in FILE_KEYS and isinstance(v, str) and Path(v).is_file()
+            else identity(v)
+            for k, v in obj.items()
+        }
     return obj

@@ -21,6 +21,7 @@ from fcdpo.backends import BACKENDS, Backend, SamplingParams
 from fcdpo.config import RunConfig, StudentConfig, TeacherConfig
 from fcdpo.demos import with_demonstrations
 from fcdpo.evaluation import EvalResult, compare, evaluate, format_table
+from fcdpo.hashing import digest
 from fcdpo.labelling import label_records
 from fcdpo.models import merge_adapter, resolve_model
 from fcdpo.pairs import PairsResult, build_pairs
@@ -28,6 +29,17 @@ from fcdpo.problems import Problem, ProblemSet, load_source
 from fcdpo.records import ChainRecord, write_jsonl
 from fcdpo.sampling import read_shards, sample_problems
 from fcdpo.training import TrainResult, train_dpo
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """Where a run writes its outputs: ``out_dir/name``."""
+    return Path(cfg.out_dir) / cfg.name
+
+
+def problems_digest(train: ProblemSet, test: ProblemSet) -> str:
+    """The identity of a run's problems (content and split): MLflow records it, the scheduled
+    rerun-on-new-problem-sets flow skips sets it has already seen."""
+    return digest([train.digest, test.digest], 32)
 
 
 def load_problems(cfg: RunConfig) -> tuple[ProblemSet, ProblemSet]:
@@ -135,7 +147,56 @@ class RunResult:
         return out
 
 
-class _Stopwatch(dict):
+def format_results(summary: dict[str, Any]) -> str:
+    """The results table of a run summary (plain pipeline or flow): per task accuracy before/after with
+    95% CIs, the paired difference and McNemar p, format errors, chains (correct) and pairs; then the
+    stage wall times."""
+    per_task = summary.get("per_task", {})
+    comparison = summary.get("comparison") or {}
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    tasks = list(comparison) or [*per_task, "all"]
+    lines = [
+        "| task | n | before (95% CI) | after (95% CI) | difference (95% CI) | McNemar p "
+        "| format errors | chains (correct) | pairs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def acc(m: dict[str, Any] | None) -> str:
+        return f"{m['accuracy']:.1%} ({m['ci'][0]:.1%}-{m['ci'][1]:.1%})" if m else "-"
+
+    for t in tasks:
+        c, mb, ma = comparison.get(t), before.get(t), after.get(t)
+        if t == "all":
+            chains = summary.get("chains", 0)
+            correct = sum(v.get("correct", 0) for v in per_task.values())
+            pairs = summary.get("pairs", 0)
+        else:
+            p = per_task.get(t, {})
+            chains, correct, pairs = p.get("chains", 0), p.get("correct", 0), p.get("pairs", 0)
+        fmt = (
+            f"{mb['format_error_rate']:.0%} -> {ma['format_error_rate']:.0%}"
+            if mb and ma
+            else (f"{mb['format_error_rate']:.0%}" if mb else "-")
+        )
+        lines.append(
+            f"| {t} | {c['n'] if c else (mb or {}).get('n', '-')} | {acc(mb)} | {acc(ma)} "
+            + (
+                f"| {c['difference']:+.1%} ({c['difference_ci'][0]:+.1%}, {c['difference_ci'][1]:+.1%}) "
+                f"| {c['mcnemar_p']:.2g} "
+                if c
+                else "| - | - "
+            )
+            + f"| {fmt} | {chains} ({correct}) | {pairs} |"
+        )
+    seconds = summary.get("seconds", {})
+    lines.append("")
+    lines.append("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    return "\n".join(lines)
+
+
+class Stopwatch(dict):
+    """Wall seconds per stage name (summed when a stage is entered again)."""
+
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
@@ -153,14 +214,14 @@ def _same_engine(cfg: RunConfig) -> bool:
 def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
     """The method, top to bottom. Each stage writes under ``out_dir/name`` and the summary says how long
     it took. ``metrics`` receives the training metrics as they are logged."""
-    out = Path(cfg.out_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    sw = _Stopwatch()
+    sw = Stopwatch()
     stages = set(cfg.stages)
 
-    with sw.stage("problems"):
+    with sw.stage("problems"):  # a bad problem file fails here, before anything is written
         train, test = load_problems(cfg)
         prompt, sample_set = teacher_prompt(cfg.teacher, cfg.agent, train)
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     result = RunResult(out, train, test, seconds=sw)
     by_id = {p.id: p for p in train}
 

@@ -1,7 +1,9 @@
 """Single stages of the method as their own flows, to re-run one part from the UI or the command line.
 
 - ``train``: DPO of the student from an existing pairs file (e.g. a previous run's ``pairs/pairs.parquet``);
-- ``evaluate``: the student, base or base + an adapter, on the config's held-out problems.
+- ``evaluate``: the student, base or base + an adapter, on the config's held-out problems;
+- ``sample-shard``: one shard of the teacher's sampling (the pipeline's ``deployment`` executor runs
+  every shard as a flow run of this on the ``gpu`` work pool).
 
 They call the same cached tasks as ``flows/pipeline.py``, so a stage whose inputs did not change is
 read from cache here too.
@@ -20,8 +22,31 @@ from prefect import flow
 
 from fcdpo.config import RunConfig
 from fcdpo.models import model_identity
+from fcdpo.pipeline import run_dir
+from fcdpo.sampling import split_shards
 from tasks.common import Engines
-from tasks.stages import evaluate_task, load_problems, train
+from tasks.stages import evaluate_task, load_problems, sample_shard_task, teacher_prompt, train
+
+
+@flow(name="sample-shard", persist_result=True)
+def sample_shard_flow(config: RunConfig, shard: int) -> dict[str, Any]:
+    """Shard number ``shard`` of the pipeline's sampling stage: N chains for each of its problems, written
+    to the run folder's ``shards/``. Cached by content like the local executor's shards; a run started
+    again after a crash resumes the shard file."""
+    train_set, _ = load_problems(config.problems)
+    prompt, to_sample = teacher_prompt(config.teacher, config.agent, train_set)
+    shards = split_shards(to_sample, config.teacher.sampling.shard_size)
+    if not 0 <= shard < len(shards):
+        raise ValueError(f"shard {shard} out of range: this config has {len(shards)} shards")
+    engines = Engines()
+    try:
+        return sample_shard_task(
+            shards[shard], config.teacher, config.agent, prompt,
+            model_identity(config.teacher.model, config.teacher.backend),
+            str(run_dir(config) / "shards"), engines,
+        )  # fmt: skip
+    finally:
+        engines.close()
 
 
 @flow(name="train")

@@ -9,6 +9,8 @@ of every task downstream of it (their inputs are its outputs' contents).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import inspect
 from typing import Any
 
 from fcdpo.backends import Backend
@@ -18,10 +20,20 @@ from fcdpo.hashing import code_version, digest, identity
 NOT_IN_KEY = {"engines", "progress", "tracking"}
 
 
+@functools.cache
+def _source(fn: Any) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return getattr(fn, "__qualname__", "")
+
+
 def content_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect ``cache_key_fn``: task name + code version + the content identity of every input."""
+    """Prefect ``cache_key_fn``: task name + code version (the fcdpo library and the task's own source)
+    + the content identity of every input."""
     inputs = {k: identity(v) for k, v in sorted(parameters.items()) if k not in NOT_IN_KEY}
-    return f"{context.task.name}-{digest({'code': code_version(), 'inputs': inputs}, 32)}"
+    code = [code_version(), digest(_source(context.task.fn))]
+    return f"{context.task.name}-{digest({'code': code, 'inputs': inputs}, 32)}"
 
 
 TRANSIENT_NAMES = ("EngineDeadError", "EngineGenerateError", "BrokenProcessPool", "RemoteProtocolError")

@@ -78,7 +78,18 @@ def label(shard_files: list[Path], train: ProblemSet, require_stop: bool, out: s
     chains = [r for f in shard_files for r in read_jsonl(f)]
     chains = label_records(chains, train.by_id(), require_stop)
     write_jsonl(chains, out)
-    return {"path": out, "chains": len(chains), "correct": sum(r.verdict == "correct" for r in chains)}
+    per_task: dict[str, dict[str, Any]] = {}
+    for r in chains:
+        t = per_task.setdefault(r.task, {"chains": 0, "correct": 0, "verdicts": {}})
+        t["chains"] += 1
+        t["correct"] += r.verdict == "correct"
+        t["verdicts"][r.verdict] = t["verdicts"].get(r.verdict, 0) + 1
+    return {
+        "path": out,
+        "chains": len(chains),
+        "correct": sum(t["correct"] for t in per_task.values()),
+        "per_task": dict(sorted(per_task.items())),
+    }
 
 
 @task(name="build-pairs", **CACHED)
@@ -92,6 +103,10 @@ def pairs(
         "parquet": str(res.parquet),
         "pairs": res.n_pairs,
         "prompts": res.n_prompts,
+        "per_task": {
+            t: sum(c["n_pairs"] for c in res.counts if c["task"] == t)
+            for t in {c["task"] for c in res.counts}
+        },
     }
 
 

@@ -8,6 +8,7 @@ full file as an artifact, so ``log_input`` never serialises a big table.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,12 @@ from fcdpo.config import RunConfig
 from fcdpo.hashing import file_sha256
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(cfg: RunConfig, override: str | None = None) -> str:
+    """--tracking-uri, else the config's tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    return override or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -29,15 +36,29 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, cfg: RunConfig, tracking_uri: str | None, flow_run_id: str | None, ui_url: str | None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        uri: str | None,
+        flow_run_id: str | None,
+        ui_url: str | None,
+        tags: dict[str, str] | None = None,
+    ):
         import mlflow
         from mlflow import MlflowClient
 
-        self.uri = tracking_uri or DEFAULT_TRACKING_URI
+        self.uri = tracking_uri(cfg, uri)
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name("fcdpo") or None
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment("fcdpo")
-        tags = {"fcdpo.config": cfg.name}
+        name = cfg.tracking.experiment
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            # a file store keeps artifacts beside the database (./mlartifacts); a server decides itself
+            local = not self.uri.startswith(("http://", "https://", "databricks"))
+            location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if local else None
+            self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        tags = {"fcdpo.config": cfg.name, **(tags or {})}
         if flow_run_id:
             tags.update({"prefect.flow_run_id": flow_run_id, "prefect.flow_run_url": ui_url or ""})
         self.parent = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
@@ -101,5 +122,33 @@ class Tracker:
         for run in [*self.children.values(), self.parent]:
             self.client.set_terminated(run, status)
 
-    def run_url(self) -> str:
-        return f"{self.uri} experiment {self.experiment_id} run {self.parent}"
+    def location(self) -> dict[str, str]:
+        """Where the run is: tracking URI, experiment and run ids, and the UI address (or how to get one)."""
+        path = f"#/experiments/{self.experiment_id}/runs/{self.parent}"
+        if self.uri.startswith(("http://", "https://")):
+            url, hint = f"{self.uri.rstrip('/')}/{path}", ""
+        else:
+            url = f"http://127.0.0.1:5000/{path}"
+            hint = f"mlflow ui --backend-store-uri {self.uri} --port 5000  (or fcdpo up)"
+        return {
+            "tracking_uri": self.uri,
+            "experiment_id": self.experiment_id,
+            "run_id": self.parent,
+            "url": url,
+            "serve_with": hint,
+        }
+
+
+def finished_runs_for_problems(cfg: RunConfig, uri: str | None, problems_digest: str) -> list[str]:
+    """Ids of finished pipeline runs (parent runs) in the config's experiment that used these problems."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg, uri))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`fcdpo.problem_set_digest` = '{problems_digest}' and attributes.status = 'FINISHED'",
+    )
+    return [r.info.run_id for r in runs]

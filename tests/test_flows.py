@@ -80,11 +80,21 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     state = pipeline(cfg, uri, return_state=True)
     assert state.is_completed(), state
     summary = state.result()
-    assert summary["pairs"] > 0 and summary["steps"] == 2 and set(summary["comparison"]) >= {"all"}
+    assert summary["pairs"] > 0 and summary["training"]["steps"] == 2
+    assert set(summary["comparison"]) == {"fol", "arith", "all"}
+    assert set(summary["per_task"]) == {"fol", "arith"}
+    assert sum(t["chains"] for t in summary["per_task"].values()) == summary["chains"]
+    assert sum(t["pairs"] for t in summary["per_task"].values()) == summary["pairs"]
+    assert {"problems", "sampling", "labelling", "pairs", "eval_before", "training", "eval_after"} == set(
+        summary["seconds"]
+    )
+    assert "| arith |" in summary["table"] and "stage seconds: problems" in summary["table"]
 
     client = MlflowClient(uri)
-    parent = client.get_run(summary["mlflow_run"])
+    parent = client.get_run(summary["mlflow"]["run_id"])
+    assert summary["mlflow"]["tracking_uri"] == uri and summary["mlflow"]["run_id"] in summary["mlflow"]["url"]
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert len(parent.data.tags["fcdpo.problem_set_digest"]) == 32
     assert parent.data.params["pairs.max_pairs_per_prompt"] == "2"
     exp = parent.info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -110,6 +120,28 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     by_task = dict(_task_states(changed.state_details.flow_run_id))
     assert by_task["sample-shard"] == "Cached" and by_task["label"] == "Cached"
     assert by_task["build-pairs"] == "Completed" and by_task["train-dpo"] == "Completed"
+
+
+def test_deleted_run_folder_is_recomputed_not_trusted(harness, tmp_path, tiny_model):
+    """Cached task results name files in the run folder; after the folder is deleted the flow recomputes
+    them (sample-shard runs again) instead of returning paths to files that are gone."""
+    import shutil
+
+    from flows.pipeline import pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(tmp_path, tiny_model, stages=["sample", "pairs"], name="tiny-deleted")
+    first = pipeline(cfg, uri, return_state=True).result()
+    run_dir = tmp_path / "runs" / "tiny-deleted"
+    chains = (run_dir / "chains.jsonl").read_text()
+    shutil.rmtree(run_dir)
+    state = pipeline(cfg, uri, return_state=True)
+    assert state.is_completed(), state
+    states = _task_states(state.state_details.flow_run_id)
+    assert {("sample-shard", "Completed"), ("label", "Completed")} <= states, states
+    assert (run_dir / "chains.jsonl").read_text() == chains  # same seeds: the same chains again
+    assert (run_dir / "pairs" / "pairs.parquet").is_file()
+    assert state.result()["pairs"] == first["pairs"]
 
 
 def test_single_stage_flows_retrain_from_pairs_and_evaluate_an_adapter(harness, tmp_path, tiny_model):

@@ -43,7 +43,7 @@ stages: [sample, pairs]
 """
     )
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.cli", "run", "--config", str(cfg), "--summary-json", str(tmp_path / "s.json")],
+        [sys.executable, "-m", "flows.cli", "run", "--plain", "--config", str(cfg), "--summary-json", str(tmp_path / "s.json")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -65,7 +65,7 @@ def test_cli_reports_config_errors_without_output(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"name: x\nout_dir: {tmp_path / 'runs'}\nproblems:\n  sources: [{{source: nope}}]\n")
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.cli", "run", "--config", str(cfg)], capture_output=True, text=True
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)], capture_output=True, text=True
     )
     assert (
         out.returncode == 2

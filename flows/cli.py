@@ -1,0 +1,293 @@
+"""The ``fcdpo`` command.
+
+    fcdpo run [--config configs/default.yaml] [--set key=value ...] [--summary-json PATH]
+        the pipeline as a Prefect flow (an ephemeral Prefect API unless PREFECT_API_URL names a server),
+        ending with the results table and where the run is in MLflow; --plain runs it without Prefect
+    fcdpo up [--prefect-port 4200] [--mlflow-port 5000] [--detach]
+        a local Prefect server and MLflow server on 127.0.0.1; prints both URLs
+    fcdpo deploy [--prefect-file deployments/prefect.yaml]
+        creates the work pools and applies the deployments to the server in PREFECT_API_URL
+    fcdpo down          stops servers started with ``fcdpo up --detach``
+    fcdpo problems ...  same as ``python -m fcdpo.problems``
+
+It lives in ``flows/`` (the orchestration layer), so the ``fcdpo`` library itself never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from fcdpo.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = Path(".fcdpo") / "up.json"
+
+
+# -- fcdpo run ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"fcdpo run: config {args.config}, teacher {cfg.teacher.model} via {cfg.teacher.backend}, "
+        f"student {cfg.student.model}, stages {', '.join(cfg.stages)}",
+        file=sys.stderr,
+    )
+    from fcdpo.pipeline import format_results
+
+    if args.plain:
+        from fcdpo import pipeline
+
+        summary = pipeline.run(cfg).summary()
+    else:
+        from flows.pipeline import pipeline
+
+        if not os.environ.get("PREFECT_API_URL"):
+            print("fcdpo run: no PREFECT_API_URL: using an ephemeral Prefect API", file=sys.stderr)
+        state = pipeline(cfg, args.tracking_uri, return_state=True)
+        if not state.is_completed():
+            print(f"fcdpo run: the pipeline flow ended {state.name}: {state.message}", file=sys.stderr)
+            return 1
+        summary = state.result()
+    print()
+    print(format_results(summary))
+    if "training" in summary:
+        print(f"pairs {summary['pairs']}, DPO steps {summary['training']['steps']}")
+    if "mlflow" in summary:
+        m = summary["mlflow"]
+        print(f"MLflow: run {m['run_id']} in experiment {m['experiment_id']} at {m['tracking_uri']}")
+        print(f"        {m['url']}" + (f"   (serve with: {m['serve_with']})" if m["serve_with"] else ""))
+        print(
+            f"engines started: {summary['engines_started']}; Prefect flow run {summary['prefect_flow_run']}"
+        )
+    print(f"outputs: {summary['out_dir']}")
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# -- fcdpo up / down ------------------------------------------------------------------------------------
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited ({proc.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}: not healthy after {timeout:.0f} s; see {log}")
+
+
+def start_servers(
+    prefect_port: int,
+    mlflow_port: int,
+    backend_store_uri: str,
+    artifacts: str,
+    logs: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+) -> dict[str, Any]:
+    """Start ``prefect server`` and ``mlflow server --workers 1`` on 127.0.0.1; wait until both are healthy.
+    Returns their URLs and PIDs (each in its own process group, so stopping one stops its children)."""
+    for port in (prefect_port, mlflow_port):
+        if not _free(port):
+            raise RuntimeError(f"port {port} on 127.0.0.1 is in use (choose another with --*-port)")
+    logs.mkdir(parents=True, exist_ok=True)
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, **(env or {})}
+    env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+    cmds = {
+        "prefect": [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+        "mlflow": [
+            str(bindir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+            "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts,
+        ],
+    }  # fmt: skip
+    procs = {}
+    for name, cmd in cmds.items():
+        log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 (the server owns it)
+        procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    info = {
+        "prefect_url": f"http://127.0.0.1:{prefect_port}",
+        "prefect_api_url": f"http://127.0.0.1:{prefect_port}/api",
+        "mlflow_url": f"http://127.0.0.1:{mlflow_port}",
+        "pids": {k: p.pid for k, p in procs.items()},
+        "logs": str(logs),
+    }
+    try:
+        _wait_http(f"{info['prefect_api_url']}/health", procs["prefect"], timeout, logs / "prefect.log")
+        _wait_http(f"{info['mlflow_url']}/health", procs["mlflow"], timeout, logs / "mlflow.log")
+    except BaseException:
+        stop_servers(info["pids"])
+        raise
+    return info
+
+
+def stop_servers(pids: dict[str, int], timeout: float = 20) -> None:
+    """SIGTERM each server's process group, SIGKILL what is left after ``timeout`` seconds."""
+    for pid in pids.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids.values():
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def up(args: argparse.Namespace) -> int:
+    try:
+        info = start_servers(
+            args.prefect_port, args.mlflow_port, args.backend_store_uri, args.artifacts, Path(args.logs)
+        )
+    except RuntimeError as e:
+        print(f"fcdpo up: {e}", file=sys.stderr)
+        return 1
+    print(f"Prefect UI:  {info['prefect_url']}   (API {info['prefect_api_url']})")
+    print(f"MLflow UI:   {info['mlflow_url']}   (store {args.backend_store_uri}, artifacts {args.artifacts})")
+    print("Point runs, workers and `fcdpo deploy` at them:")
+    print(f"  export PREFECT_API_URL={info['prefect_api_url']}")
+    print(f"  export MLFLOW_TRACKING_URI={info['mlflow_url']}")
+    sys.stdout.flush()
+    if args.detach:
+        STATE.parent.mkdir(exist_ok=True)
+        STATE.write_text(json.dumps(info, indent=2))
+        print(f"servers left running (pids {info['pids']}); stop them with `fcdpo down`")
+        return 0
+    print("Ctrl-C stops both.")
+    try:
+        while all(_alive(p) for p in info["pids"].values()):
+            time.sleep(1)
+        print("fcdpo up: a server exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_servers(info["pids"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def down(args: argparse.Namespace) -> int:
+    if not STATE.is_file():
+        print("fcdpo down: no servers recorded (.fcdpo/up.json)", file=sys.stderr)
+        return 1
+    stop_servers(json.loads(STATE.read_text())["pids"])
+    STATE.unlink()
+    print("stopped")
+    return 0
+
+
+# -- fcdpo deploy ---------------------------------------------------------------------------------------
+
+POOLS = {"local": "process", "gpu": "process"}
+
+
+def deploy(args: argparse.Namespace) -> int:
+    """Work pools, then ``prefect deploy --all`` from the repository root."""
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "fcdpo deploy: PREFECT_API_URL is not set; start a server (`fcdpo up`) and export the URL it prints",
+            file=sys.stderr,
+        )
+        return 2
+    prefect = str(Path(sys.executable).parent / "prefect")
+    for pool, kind in POOLS.items():
+        if subprocess.run([prefect, "work-pool", "inspect", pool], capture_output=True).returncode != 0:
+            r = subprocess.run(
+                [prefect, "work-pool", "create", pool, "--type", kind], capture_output=True, text=True
+            )
+            if r.returncode != 0:
+                print(f"fcdpo deploy: cannot create work pool {pool}:\n{r.stdout}{r.stderr}", file=sys.stderr)
+                return 1
+            print(f"work pool {pool} ({kind}) created")
+    r = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(Path(args.prefect_file).resolve())],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if r.returncode != 0:
+        print(f"fcdpo deploy: prefect deploy failed:\n{r.stdout[-4000:]}{r.stderr[-4000:]}", file=sys.stderr)
+        return 1
+    print(f"deployments applied from {args.prefect_file} to {os.environ['PREFECT_API_URL']}")
+    print("start workers:  prefect worker start --pool local   (and on GPU hosts: --pool gpu)")
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "problems":
+        from fcdpo.problems.__main__ import main as problems_main
+
+        return problems_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="fcdpo", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the pipeline on a config (a Prefect flow)")
+    r.add_argument("--config", default="configs/default.yaml")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    r.add_argument(
+        "--summary-json", default=None, help="also write the summary (the table's numbers) as JSON"
+    )
+    r.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri in the config)"
+    )
+    r.add_argument("--plain", action="store_true", help="run without Prefect/MLflow (fcdpo.pipeline.run)")
+    u = sub.add_parser("up", help="start a local Prefect server and MLflow server on 127.0.0.1")
+    u.add_argument("--prefect-port", type=int, default=4200)
+    u.add_argument("--mlflow-port", type=int, default=5000)
+    u.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
+    u.add_argument("--artifacts", default="./mlartifacts")
+    u.add_argument("--logs", default=".fcdpo/logs")
+    u.add_argument("--detach", action="store_true", help="leave them running; `fcdpo down` stops them")
+    sub.add_parser("down", help="stop the servers of `fcdpo up --detach`")
+    d = sub.add_parser("deploy", help="create the work pools and apply deployments/prefect.yaml")
+    d.add_argument("--prefect-file", default=str(ROOT / "deployments" / "prefect.yaml"))
+    sub.add_parser("problems", help="print problems (see python -m fcdpo.problems --help)")
+    args = ap.parse_args(argv)
+    return {"run": run, "up": up, "down": down, "deploy": deploy}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

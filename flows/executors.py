@@ -1,0 +1,79 @@
+"""Sampling fan-out: the two executors of the pipeline's sampling stage.
+
+- ``local`` (default): every shard runs as a task in the flow process, all sharing one engine.
+- ``deployment``: every shard is a flow run of the ``sample-shard`` deployment (``flows/stages.py``) on the
+  ``gpu`` work pool, so N GPU workers sample in parallel. The runs share the run folder (a shared volume)
+  and Prefect's result storage. A shard run that *crashed* (its worker process was killed, OOM, the node
+  went away) is triggered again, up to ``orchestration.shard_attempts`` times, and resumes its shard
+  file; a shard run that *failed* (bad input, a bug) is not retried and fails the pipeline.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.context import get_run_context
+
+from fcdpo.agent import PromptSpec
+from fcdpo.config import RunConfig
+from fcdpo.problems import ProblemSet
+from tasks.common import Engines
+from tasks.stages import sample_shard_task
+
+
+def sample_local(
+    shards: list[ProblemSet],
+    cfg: RunConfig,
+    prompt: PromptSpec,
+    model_id: str,
+    out: Path,
+    engines: Engines,
+    refresh: bool = False,
+) -> list[dict[str, Any]]:
+    """Shard after shard in this process, through one shared engine (opened only if a shard misses cache).
+    ``refresh``: ignore cached results (their shard files were deleted)."""
+    task = sample_shard_task.with_options(refresh_cache=True) if refresh else sample_shard_task
+    return [task(shard, cfg.teacher, cfg.agent, prompt, model_id, str(out), engines) for shard in shards]
+
+
+def sample_by_deployment(cfg: RunConfig, n_shards: int) -> list[dict[str, Any]]:
+    """One ``sample-shard`` flow run per shard, all in flight at once; waits for every one."""
+    params = cfg.model_dump(mode="json")
+    parent = get_run_context().flow_run
+    log = get_run_logger()
+
+    def one(shard: int) -> dict[str, Any]:
+        from prefect.deployments import run_deployment
+
+        attempts = cfg.orchestration.shard_attempts
+        for attempt in range(1, attempts + 1):
+            run = run_deployment(
+                cfg.orchestration.shard_deployment,
+                parameters={"config": params, "shard": shard},
+                flow_run_name=f"{cfg.name}-shard-{shard}",
+                idempotency_key=f"{parent.id if parent else 'none'}-shard-{shard}-attempt-{attempt}",
+                poll_interval=2,
+                timeout=None,
+            )
+            state = run.state
+            if state is not None and state.is_completed():
+                return state.result()
+            if state is None or not state.is_crashed():
+                raise RuntimeError(
+                    f"sample-shard run {run.id} for shard {shard} ended {state.name if state else 'without a state'}: "
+                    f"{state.message if state else ''}"
+                )
+            log.warning(
+                f"shard {shard}: flow run {run.id} crashed ({state.message}); "
+                f"attempt {attempt}/{attempts}, the next one resumes the shard file"
+            )
+        raise RuntimeError(f"shard {shard}: {attempts} sample-shard runs crashed")
+
+    with ThreadPoolExecutor(max_workers=max(1, n_shards)) as pool:
+        # each thread gets a copy of this flow run's context, so the shard runs show as its subflows
+        futures = [pool.submit(contextvars.copy_context().run, one, i) for i in range(n_shards)]
+        return [f.result() for f in futures]
