@@ -123,3 +123,42 @@ def oracle_pairs(out_dir, n=12, samples=6, error_rate=0.4, student=None, max_pai
     chains = label_records(chains, by_id)
     cfg = PairsConfig(max_pairs_per_prompt=max_pairs)
     return build_pairs(chains, by_id, out_dir, student, cfg, save_dataset=False), problems
+
+
+def tiny_run_config(tmp_path, tiny_model, **over):
+    """A pipeline config that runs in seconds: oracle teacher (gold chains with injected errors), the tiny
+    random student trained 2 DPO steps and evaluated through the oracle backend. ``over``: dotted keys."""
+    from fcdpo.config import RunConfig
+
+    data = {
+        "name": "tiny-flow",
+        "out_dir": str(tmp_path / "runs"),
+        "problems": {
+            "sources": [
+                {"source": "fol", "params": {"n": 10, "seed": 4, "difficulty": "easy"}},
+                {"source": "arith", "params": {"n": 10, "seed": 4, "steps": 1}},
+            ],
+            "test_fraction": 0.3,
+        },
+        "agent": {"max_steps": 14, "max_tries": 2},
+        "teacher": {
+            "backend": "oracle",
+            "backend_options": {"error_rate": 0.4},
+            "n_demonstrations": 1,
+            "sampling": {"samples_per_problem": 4, "progress": False},
+        },
+        "student": {
+            "model": str(tiny_model),
+            "backend": "oracle",
+            "training": {"max_steps": 2, "batch_size": 2, "save_steps": 1},
+        },
+        "pairs": {"max_pairs_per_prompt": 2},
+        "evaluation": {"k": 0, "bootstrap": 200},
+    }
+    for k, v in over.items():
+        d = data
+        *path, last = k.split(".")
+        for p in path:
+            d = d.setdefault(p, {})
+        d[last] = v
+    return RunConfig.model_validate(data)

@@ -5,8 +5,10 @@ two DPO steps, evaluated through the oracle backend. Asserts lineage in MLflow a
 """
 
 import asyncio
+from pathlib import Path
 
 import pytest
+from conftest import tiny_run_config
 
 pytest.importorskip("prefect")
 
@@ -17,43 +19,6 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def _cfg(tmp_path, tiny_model, **over):
-    from fcdpo.config import RunConfig
-
-    data = {
-        "name": "tiny-flow",
-        "out_dir": str(tmp_path / "runs"),
-        "problems": {
-            "sources": [
-                {"source": "fol", "params": {"n": 10, "seed": 4, "difficulty": "easy"}},
-                {"source": "arith", "params": {"n": 10, "seed": 4, "steps": 1}},
-            ],
-            "test_fraction": 0.3,
-        },
-        "agent": {"max_steps": 14, "max_tries": 2},
-        "teacher": {
-            "backend": "oracle",
-            "backend_options": {"error_rate": 0.4},
-            "n_demonstrations": 1,
-            "sampling": {"samples_per_problem": 4, "progress": False},
-        },
-        "student": {
-            "model": str(tiny_model),
-            "backend": "oracle",
-            "training": {"max_steps": 2, "batch_size": 2, "save_steps": 1},
-        },
-        "pairs": {"max_pairs_per_prompt": 2},
-        "evaluation": {"k": 0, "bootstrap": 200},
-    }
-    for k, v in over.items():
-        d = data
-        *path, last = k.split(".")
-        for p in path:
-            d = d[p]
-        d[last] = v
-    return RunConfig.model_validate(data)
 
 
 def _task_states(flow_run_id):
@@ -76,7 +41,7 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     from flows.pipeline import pipeline
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _cfg(tmp_path, tiny_model)
+    cfg = tiny_run_config(tmp_path, tiny_model)
     state = pipeline(cfg, uri, return_state=True)
     assert state.is_completed(), state
     summary = state.result()
@@ -92,7 +57,9 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
 
     client = MlflowClient(uri)
     parent = client.get_run(summary["mlflow"]["run_id"])
-    assert summary["mlflow"]["tracking_uri"] == uri and summary["mlflow"]["run_id"] in summary["mlflow"]["url"]
+    assert (
+        summary["mlflow"]["tracking_uri"] == uri and summary["mlflow"]["run_id"] in summary["mlflow"]["url"]
+    )
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert len(parent.data.tags["fcdpo.problem_set_digest"]) == 32
     assert parent.data.params["pairs.max_pairs_per_prompt"] == "2"
@@ -115,7 +82,7 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
 
     # one changed input (the pair cap) re-runs pairs and everything downstream, not sampling
     changed = pipeline(
-        _cfg(tmp_path, tiny_model, **{"pairs.max_pairs_per_prompt": 1}), uri, return_state=True
+        tiny_run_config(tmp_path, tiny_model, **{"pairs.max_pairs_per_prompt": 1}), uri, return_state=True
     )
     by_task = dict(_task_states(changed.state_details.flow_run_id))
     assert by_task["sample-shard"] == "Cached" and by_task["label"] == "Cached"
@@ -130,7 +97,7 @@ def test_deleted_run_folder_is_recomputed_not_trusted(harness, tmp_path, tiny_mo
     from flows.pipeline import pipeline
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = _cfg(tmp_path, tiny_model, stages=["sample", "pairs"], name="tiny-deleted")
+    cfg = tiny_run_config(tmp_path, tiny_model, stages=["sample", "pairs"], name="tiny-deleted")
     first = pipeline(cfg, uri, return_state=True).result()
     run_dir = tmp_path / "runs" / "tiny-deleted"
     chains = (run_dir / "chains.jsonl").read_text()
@@ -151,9 +118,51 @@ def test_single_stage_flows_retrain_from_pairs_and_evaluate_an_adapter(harness, 
     from flows.stages import evaluate_flow, train_flow
 
     pr, _ = oracle_pairs(tmp_path / "pairs")
-    cfg = _cfg(tmp_path, tiny_model)
+    cfg = tiny_run_config(tmp_path, tiny_model)
     trained = train_flow(cfg, str(pr.parquet), str(tmp_path / "t"))
     assert trained["steps"] == 2 and (tmp_path / "t" / "adapter" / "fcdpo_manifest.json").is_file()
     metrics = evaluate_flow(cfg, trained["adapter"], str(tmp_path / "ev"))
     assert metrics["all"]["n"] > 0 and metrics["all"]["accuracy"] == 1.0
     assert (tmp_path / "ev" / "greedy.jsonl").is_file()
+
+
+def test_rerun_on_new_problem_sets_runs_each_new_digest_once(harness, tmp_path, tiny_model):
+    """The scheduled flow: each problem-set file runs once; processed digests (recorded in MLflow) are
+    skipped; a changed file is new again; an invalid file is reported with its line and fails the run."""
+    import json
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from fcdpo.problems import load_source
+    from flows.watch import rerun_on_new_problem_sets
+
+    folder = tmp_path / "sets"
+    folder.mkdir()
+
+    def write(name, seed):
+        rows = load_source("arith", n=8, seed=seed, steps=1)
+        (folder / name).write_text("".join(json.dumps(p.model_dump(mode="json")) + "\n" for p in rows))
+
+    write("a.jsonl", 1)
+    write("b.jsonl", 2)
+    base = tmp_path / "base.yaml"
+    cfg = tiny_run_config(tmp_path, tiny_model, stages=["sample", "pairs"], name="watch")
+    base.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    first = rerun_on_new_problem_sets(str(folder), str(base), tracking_uri=uri)
+    assert [(Path(r["file"]).name, r["status"]) for r in first] == [("a.jsonl", "ran"), ("b.jsonl", "ran")]
+    assert (tmp_path / "runs" / "watch-a" / "pairs" / "pairs.parquet").is_file()
+    second = rerun_on_new_problem_sets(str(folder), str(base), tracking_uri=uri)
+    assert [r["status"] for r in second] == ["skipped", "skipped"]
+    assert [r["digest"] for r in second] == [r["digest"] for r in first]
+
+    write("b.jsonl", 3)  # new content under the same name: a new set
+    (folder / "c.jsonl").write_text('{"id": "x1", "question": "1+1?", "answer": 2}\n')
+    state = rerun_on_new_problem_sets(str(folder), str(base), tracking_uri=uri, return_state=True)
+    assert state.is_failed() and "c.jsonl:1: field 'toolset': is missing" in state.message
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fcdpo").experiment_id
+    names = [r.info.run_name for r in client.search_runs([exp], "tags.`fcdpo.problem_set_digest` != ''")]
+    assert sorted(names) == ["watch-a", "watch-b", "watch-b"]

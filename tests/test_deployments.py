@@ -1,0 +1,279 @@
+"""The deployments on real servers, as a user runs them from the UI.
+
+A module fixture starts a real ``prefect server`` and ``mlflow server --workers 1`` on free 127.0.0.1
+ports (the code of ``fcdpo up``), applies deployments/prefect.yaml with ``fcdpo deploy``, and starts real
+process workers for the ``local`` and ``gpu`` pools. Flow runs are created through the Prefect API, as the
+UI's "Run" button does. Servers and workers are stopped by PID (process group) at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_run_config
+
+pytest.importorskip("prefect")
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    from flows.cli import start_servers, stop_servers
+
+    tmp = tmp_path_factory.mktemp("servers")
+    env = {"PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    info = start_servers(
+        _port(), _port(), f"sqlite:///{tmp / 'mlflow.db'}", str(tmp / "mlartifacts"), tmp / "logs", env=env
+    )
+    env = {
+        **os.environ,
+        **env,
+        "PREFECT_API_URL": info["prefect_api_url"],
+        "MLFLOW_TRACKING_URI": info["mlflow_url"],
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    workers: list[subprocess.Popen] = []
+    try:
+        deploy = subprocess.run(
+            [str(BIN / "fcdpo"), "deploy"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        for pool in ("local", "gpu"):
+            log = open(tmp / "logs" / f"worker-{pool}.log", "ab")  # noqa: SIM115
+            workers.append(
+                subprocess.Popen(
+                    [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        yield {**info, "env": env, "tmp": tmp}
+    finally:
+        stop_servers({f"worker{i}": w.pid for i, w in enumerate(workers)})
+        stop_servers(info["pids"])
+
+
+def _api(servers, coro_fn):
+    """Run ``coro_fn(client)`` against the test's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def go():
+        async with get_client() as client:
+            return await coro_fn(client)
+
+    with temporary_settings({PREFECT_API_URL: servers["prefect_api_url"]}):
+        return asyncio.run(go())
+
+
+def trigger(servers, deployment: str, parameters: dict) -> str:
+    """Create a flow run of a deployment through the API, as the UI's Run button does."""
+
+    async def go(client):
+        dep = await client.read_deployment_by_name(deployment)
+        run = await client.create_flow_run_from_deployment(dep.id, parameters=parameters)
+        return str(run.id)
+
+    return _api(servers, go)
+
+
+def wait(servers, flow_run_id: str, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _api(servers, lambda c: c.read_flow_run(flow_run_id))
+        if run.state and run.state.type.value in TERMINAL:
+            return run
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-3000:] for p in (servers["tmp"] / "logs").glob("worker-*.log"))
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s; workers:\n{logs}")
+
+
+def task_runs(servers, flow_run_id: str):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return _api(
+        servers,
+        lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
+    )
+
+
+def child_flow_runs(servers, deployment: str):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    async def go(client):
+        dep = await client.read_deployment_by_name(deployment)
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+        )
+
+    return _api(servers, go)
+
+
+def _config(tmp_path, tiny_model, servers, **over):
+    cfg = tiny_run_config(tmp_path, tiny_model, **{"tracking.uri": servers["mlflow_url"], **over})
+    return cfg.model_dump(mode="json")
+
+
+def test_prefect_yaml_defaults_to_the_default_config_and_types_its_form(servers):
+    from fcdpo.config import load_config
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert by_name["pipeline"]["parameters"]["config"] == yaml.safe_load(
+        (ROOT / "configs" / "default.yaml").read_text()
+    )
+    dep = _api(servers, lambda c: c.read_deployment_by_name("pipeline/pipeline"))
+    schema = dep.parameter_openapi_schema
+    run_config = schema["definitions"]["RunConfig"]
+    assert {"problems", "teacher", "student", "pairs", "evaluation"} <= set(run_config["properties"])
+    assert schema["definitions"]["SamplingConfig"]["properties"]["samples_per_problem"]["description"]
+    assert dep.parameters["config"]["name"] == load_config(ROOT / "configs" / "default.yaml").name
+    shard = _api(servers, lambda c: c.read_deployment_by_name("sample-shard/sample-shard"))
+    assert shard.work_pool_name == "gpu"
+    watch = _api(
+        servers, lambda c: c.read_deployment_by_name("rerun-on-new-problem-sets/rerun-on-new-problem-sets")
+    )
+    assert [s.schedule.cron for s in watch.schedules] == ["0 * * * *"]
+
+
+def test_pipeline_deployment_tracks_lineage_and_second_trigger_is_cached(servers, tmp_path, tiny_model):
+    from mlflow import MlflowClient
+
+    params = {"config": _config(tmp_path, tiny_model, servers)}
+    run = wait(servers, trigger(servers, "pipeline/pipeline", params))
+    assert run.state.type.value == "COMPLETED", run.state.message
+
+    client = MlflowClient(servers["mlflow_url"])
+    exp = client.get_experiment_by_name("fcdpo")
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{run.id}")
+    assert parent.data.params["teacher.backend"] == "oracle"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {c.data.tags["fcdpo.stage"]: c for c in children}
+    assert {"sampling", "pairs", "train-dpo", "eval-before", "eval-after", "report"} <= set(stages)
+    for stage, name in (("sampling", "chains"), ("pairs", "pairs")):
+        (ds,) = stages[stage].inputs.dataset_inputs
+        assert ds.dataset.name == name and len(ds.dataset.digest) >= 16 and ds.dataset.source
+    adapter = {a.path for a in client.list_artifacts(stages["train-dpo"].info.run_id, "adapter")}
+    assert {"adapter/fcdpo_manifest.json", "adapter/adapter_model.safetensors"} <= adapter
+    assert stages["train-dpo"].data.metrics["loss"] > 0
+
+    again = wait(servers, trigger(servers, "pipeline/pipeline", params))
+    assert again.state.type.value == "COMPLETED", again.state.message
+    states = {t.state_name for t in task_runs(servers, str(again.id))}
+    assert states == {"Cached"}, states
+
+
+def _pids_of_flow_run(flow_run_id: str) -> list[int]:
+    """Processes whose environment carries this flow run's id (what a process worker starts per run)."""
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in env.read_bytes().split(b"\0"):
+                pids.append(int(env.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_killed_shard_worker_is_retried_and_resumes_with_exact_counts(servers, tmp_path, tiny_model):
+    """The deployment executor: the shard's flow run is SIGKILLed mid-shard (its worker process dies);
+    the worker reports it Crashed, the pipeline triggers the shard again, and the rerun resumes the shard
+    file: every (problem, sample) exactly once."""
+    samples = 4
+    cfg = _config(
+        tmp_path, tiny_model, servers,
+        **{
+            "name": "tiny-kill",
+            "stages": ["sample", "pairs"],
+            "orchestration.executor": "deployment",
+            "teacher.backend_options": {"error_rate": 0.4, "delay_s": 0.6},
+            "teacher.sampling.shard_size": 1000,
+        },
+    )  # fmt: skip
+    pipeline_run = trigger(servers, "pipeline/pipeline", {"config": cfg})
+    shards = tmp_path / "runs" / "tiny-kill" / "shards"
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and time.monotonic() < deadline:
+        lines = sum(len(p.read_text().splitlines()) for p in shards.glob("shard-*.jsonl"))
+        running = [
+            r for r in child_flow_runs(servers, "sample-shard/sample-shard") if r.state_name == "Running"
+        ]
+        if running and lines >= 1:
+            pids = _pids_of_flow_run(str(running[0].id))
+            if pids:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                killed = (str(running[0].id), lines)
+        time.sleep(0.2)
+    assert killed, "the shard run never got going"
+
+    run = wait(servers, pipeline_run)
+    assert run.state.type.value == "COMPLETED", run.state.message
+    shard_runs = {str(r.id): r.state_name for r in child_flow_runs(servers, "sample-shard/sample-shard")}
+    assert shard_runs[killed[0]] == "Crashed"
+    assert sorted(shard_runs.values()).count("Completed") == 1
+
+    (shard_file,) = shards.glob("shard-*.jsonl")
+    records = [json.loads(x) for x in shard_file.read_text().splitlines()]
+    manifest = json.loads(shard_file.with_suffix(".json").read_text())
+    n_problems = len(manifest["problems"])
+    keys = [(r["problem_id"], r["sample_index"]) for r in records]
+    assert len(keys) == len(set(keys)), "a chain was written twice"
+    assert killed[1] < len(records)  # the kill came mid-shard
+    assert len(records) == n_problems * samples
+    assert {i for _, i in keys} == set(range(samples))
+    assert all(sum(1 for p, _ in keys if p == pid) == samples for pid in {p for p, _ in keys})
+    summary = json.loads((tmp_path / "runs" / "tiny-kill" / "summary.json").read_text())
+    assert summary["chains"] == len(records)
+
+
+def test_bad_problem_file_fails_fast_without_outputs_or_retries(servers, tmp_path, tiny_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"id": "p1", "question": "2+2?", "answer": 4, "toolset": "arithmetic"}\n'
+        '{"id": "p2", "question": "3+3?", "toolset": "arithmetic"}\n'
+    )
+    cfg = _config(tmp_path, tiny_model, servers, name="tiny-bad")
+    cfg["problems"]["sources"] = [{"source": "jsonl", "params": {"path": str(bad)}}]
+    t0 = time.monotonic()
+    run = wait(servers, trigger(servers, "pipeline/pipeline", {"config": cfg}), timeout=120)
+    assert run.state.type.value == "FAILED"
+    assert f"{bad}:2: field 'answer': is missing" in run.state.message
+    assert run.run_count == 1 and time.monotonic() - t0 < 60
+    (load,) = [t for t in task_runs(servers, str(run.id)) if t.name.startswith("load-problems")]
+    assert load.state_name == "Failed" and load.run_count == 1  # a bad file is not retried
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_through_the_deployment_fails_fast_without_outputs(servers, tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model, servers, name="tiny-badcfg")
+    cfg["problems"]["sources"][0]["source"] = "nope"
+    run = wait(servers, trigger(servers, "pipeline/pipeline", {"config": cfg}), timeout=120)
+    assert run.state.type.value == "FAILED"
+    assert "unknown problem source 'nope'" in run.state.message
+    assert run.run_count <= 1 and not task_runs(servers, str(run.id))
+    assert not (tmp_path / "runs").exists()
