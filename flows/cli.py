@@ -16,6 +16,7 @@ It lives in ``flows/`` (the orchestration layer), so the ``fcdpo`` library itsel
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -28,8 +29,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fcdpo.config import ConfigError, load_config
-
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(".fcdpo") / "up.json"
 
@@ -37,7 +36,61 @@ STATE = Path(".fcdpo") / "up.json"
 # -- fcdpo run ------------------------------------------------------------------------------------------
 
 
+class EphemeralAPI:
+    """Without PREFECT_API_URL, Prefect starts a temporary API server on first use (~5 s here, after its
+    imports). Start that same server (uvicorn on prefect.server.api.server:create_app, UI off) before
+    importing anything, so it comes up while the config and the flow's modules load; stop it at the end."""
+
+    def __init__(self) -> None:
+        import importlib.util
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        spec = importlib.util.find_spec("prefect")
+        assert spec and spec.submodule_search_locations
+        app_dir = str(Path(spec.submodule_search_locations[0]).parent)
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env,
+        )  # fmt: skip
+        # registered before Prefect is imported, so it runs after Prefect's own exit handlers have
+        # flushed logs and events to this server
+        atexit.register(self.stop)
+        os.environ["PREFECT_API_URL"] = self.url
+        os.environ["FCDPO_EPHEMERAL_API"] = "1"  # no UI to link to: the server goes with this process
+
+    def wait(self, timeout: float = 120) -> None:
+        _wait_http(f"{self.url}/health", self.proc, timeout, Path("(stderr)"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def run(args: argparse.Namespace) -> int:
+    server = None if args.plain or os.environ.get("PREFECT_API_URL") else EphemeralAPI()
+    return _run(args, server)
+
+
+def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
+    from fcdpo.config import ConfigError, load_config
+
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
@@ -57,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from flows.pipeline import pipeline
 
-        if not os.environ.get("PREFECT_API_URL"):
-            print("fcdpo run: no PREFECT_API_URL: using an ephemeral Prefect API", file=sys.stderr)
+        if server is not None:
+            print(f"fcdpo run: no PREFECT_API_URL: a temporary Prefect API at {server.url}", file=sys.stderr)
+            server.wait()
         state = pipeline(cfg, args.tracking_uri, return_state=True)
         if not state.is_completed():
             print(f"fcdpo run: the pipeline flow ended {state.name}: {state.message}", file=sys.stderr)

@@ -13,6 +13,7 @@ gets a parent run with a child run per stage (datasets with digests, the adapter
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,8 @@ def _b64(path: Path) -> str:
 def _ui_url(flow_run: Any) -> str | None:
     from prefect.settings import PREFECT_UI_URL
 
+    if os.environ.get("FCDPO_EPHEMERAL_API"):
+        return None  # fcdpo run's temporary API: no UI outlives the run
     base = PREFECT_UI_URL.value()
     return f"{base}/runs/flow-run/{flow_run.id}" if base and flow_run else None
 
