@@ -36,6 +36,23 @@ STATE = Path(".fcdpo") / "up.json"
 # -- fcdpo run ------------------------------------------------------------------------------------------
 
 
+def _configured_api_url() -> str | None:
+    """PREFECT_API_URL from the environment or the active Prefect profile (read without importing
+    Prefect, which takes seconds)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
+    return data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
+
+
 class EphemeralAPI:
     """Without PREFECT_API_URL, Prefect starts a temporary API server on first use (~5 s here, after its
     imports). Start that same server (uvicorn on prefect.server.api.server:create_app, UI off) before
@@ -84,7 +101,7 @@ class EphemeralAPI:
 
 
 def run(args: argparse.Namespace) -> int:
-    server = None if args.plain or os.environ.get("PREFECT_API_URL") else EphemeralAPI()
+    server = None if args.plain or _configured_api_url() else EphemeralAPI()
     return _run(args, server)
 
 
@@ -279,7 +296,7 @@ POOLS = {"local": "process", "gpu": "process"}
 
 def deploy(args: argparse.Namespace) -> int:
     """Work pools, then ``prefect deploy --all`` from the repository root."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if not _configured_api_url():
         print(
             "fcdpo deploy: PREFECT_API_URL is not set; start a server (`fcdpo up`) and export the URL it prints",
             file=sys.stderr,
@@ -302,7 +319,7 @@ def deploy(args: argparse.Namespace) -> int:
     if r.returncode != 0:
         print(f"fcdpo deploy: prefect deploy failed:\n{r.stdout[-4000:]}{r.stderr[-4000:]}", file=sys.stderr)
         return 1
-    print(f"deployments applied from {args.prefect_file} to {os.environ['PREFECT_API_URL']}")
+    print(f"deployments applied from {args.prefect_file} to {_configured_api_url()}")
     print("start workers:  prefect worker start --pool local   (and on GPU hosts: --pool gpu)")
     return 0
 

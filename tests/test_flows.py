@@ -166,3 +166,52 @@ def test_rerun_on_new_problem_sets_runs_each_new_digest_once(harness, tmp_path, 
     exp = client.get_experiment_by_name("fcdpo").experiment_id
     names = [r.info.run_name for r in client.search_runs([exp], "tags.`fcdpo.problem_set_digest` != ''")]
     assert sorted(names) == ["watch-a", "watch-b", "watch-b"]
+
+
+def test_fcdpo_run_prints_results_table_and_mlflow_location(tmp_path, tiny_model):
+    """`fcdpo run` as a user types it: the flow on a temporary Prefect API, MLflow in ./mlflow.db with
+    artifacts in ./mlartifacts, the results table on stdout and the same numbers in --summary-json."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_run_config(tmp_path, tiny_model, name="cli")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", "tiny.yaml", "--summary-json", "s.json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = json.loads((tmp_path / "s.json").read_text())
+    all_ = s["comparison"]["all"]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| all |"))
+    assert f"| {all_['n']} | " in row and f"{all_['after']:.1%}" in row and f"| {s['chains']} (" in row
+    assert "stage seconds: problems" in out.stdout and "eval_after" in out.stdout
+    assert f"MLflow: run {s['mlflow']['run_id']}" in out.stdout
+    assert s["mlflow"]["tracking_uri"] == "sqlite:///mlflow.db" and (tmp_path / "mlflow.db").is_file()
+    assert any((tmp_path / "mlartifacts").rglob("fcdpo_manifest.json"))
+    assert "temporary Prefect API" in out.stderr
+
+
+def test_fcdpo_run_uses_a_configured_server_from_env_or_profile(tmp_path, monkeypatch):
+    """`fcdpo run` starts a temporary API only when no server is configured, in the environment or in
+    the active Prefect profile."""
+    from flows.cli import _configured_api_url
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILES_PATH", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    assert _configured_api_url() is None
+    (tmp_path / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://10.0.0.5:4200/api"\n[profiles.ephemeral]\n'
+    )
+    assert _configured_api_url() == "http://10.0.0.5:4200/api"
+    monkeypatch.setenv("PREFECT_PROFILE", "ephemeral")
+    assert _configured_api_url() is None
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert _configured_api_url() == "http://127.0.0.1:4200/api"
