@@ -169,3 +169,14 @@ def label_records(
     """Return copies of the records with ``verdict`` set."""
     auto = AutoLabeller(require_stop)
     return [r.model_copy(update={"verdict": auto(r, problems[r.problem_id]).verdict.value}) for r in records]
+
+
+def verdict_counts(records: list[ChainRecord]) -> dict[str, dict[str, Any]]:
+    """Per task: chains, correct chains, and the count of every verdict (tasks in sorted order)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r.task):
+        t = out.setdefault(r.task, {"chains": 0, "correct": 0, "verdicts": {}})
+        t["chains"] += 1
+        t["correct"] += r.verdict == Verdict.CORRECT.value
+        t["verdicts"][r.verdict] = t["verdicts"].get(r.verdict, 0) + 1
+    return out

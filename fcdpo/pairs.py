@@ -230,6 +230,13 @@ class PairsResult:
     def parquet(self) -> Path:
         return self.out_dir / "pairs.parquet"
 
+    def per_task(self) -> dict[str, int]:
+        """Pairs per task."""
+        out: dict[str, int] = {}
+        for c in self.counts:
+            out[c["task"]] = out.get(c["task"], 0) + c["n_pairs"]
+        return out
+
     def load_dataset(self):
         import datasets
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from fcdpo.config import RunConfig, StudentConfig, TeacherConfig
 from fcdpo.demos import with_demonstrations
 from fcdpo.evaluation import EvalResult, compare, evaluate, format_table
 from fcdpo.hashing import digest
-from fcdpo.labelling import label_records
+from fcdpo.labelling import label_records, verdict_counts
 from fcdpo.models import merge_adapter, resolve_model
 from fcdpo.pairs import PairsResult, build_pairs
 from fcdpo.problems import Problem, ProblemSet, load_source
@@ -112,23 +111,13 @@ class RunResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        verdicts = Counter((r.task, r.verdict) for r in self.chains)
-        tasks = sorted({t for t, _ in verdicts})
-        pair_counts = self.pairs.counts if self.pairs else []
+        pairs = self.pairs.per_task() if self.pairs else {}
         out: dict[str, Any] = {
             "out_dir": str(self.out_dir),
             "train_problems": len(self.train),
             "test_problems": len(self.test),
             "chains": len(self.chains),
-            "per_task": {
-                t: {
-                    "chains": sum(v for (tt, _), v in verdicts.items() if tt == t),
-                    "correct": verdicts.get((t, "correct"), 0),
-                    "verdicts": {v: c for (tt, v), c in verdicts.items() if tt == t},
-                    "pairs": sum(c["n_pairs"] for c in pair_counts if c["task"] == t),
-                }
-                for t in tasks
-            },
+            "per_task": {t: {**c, "pairs": pairs.get(t, 0)} for t, c in verdict_counts(self.chains).items()},
             "pairs": self.pairs.n_pairs if self.pairs else 0,
             "prompts_with_pairs": self.pairs.n_prompts if self.pairs else 0,
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},

@@ -19,7 +19,7 @@ from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import SamplingParams
 from fcdpo.config import ProblemsConfig, RunConfig, StudentConfig, TeacherConfig
 from fcdpo.evaluation import EvalConfig, EvalResult, evaluate
-from fcdpo.labelling import label_records
+from fcdpo.labelling import label_records, verdict_counts
 from fcdpo.pairs import PairsConfig, build_pairs
 from fcdpo.problems import ProblemSet
 from fcdpo.records import read_jsonl, write_jsonl
@@ -78,17 +78,12 @@ def label(shard_files: list[Path], train: ProblemSet, require_stop: bool, out: s
     chains = [r for f in shard_files for r in read_jsonl(f)]
     chains = label_records(chains, train.by_id(), require_stop)
     write_jsonl(chains, out)
-    per_task: dict[str, dict[str, Any]] = {}
-    for r in chains:
-        t = per_task.setdefault(r.task, {"chains": 0, "correct": 0, "verdicts": {}})
-        t["chains"] += 1
-        t["correct"] += r.verdict == "correct"
-        t["verdicts"][r.verdict] = t["verdicts"].get(r.verdict, 0) + 1
+    per_task = verdict_counts(chains)
     return {
         "path": out,
         "chains": len(chains),
         "correct": sum(t["correct"] for t in per_task.values()),
-        "per_task": dict(sorted(per_task.items())),
+        "per_task": per_task,
     }
 
 
@@ -103,10 +98,7 @@ def pairs(
         "parquet": str(res.parquet),
         "pairs": res.n_pairs,
         "prompts": res.n_prompts,
-        "per_task": {
-            t: sum(c["n_pairs"] for c in res.counts if c["task"] == t)
-            for t in {c["task"] for c in res.counts}
-        },
+        "per_task": res.per_task(),
     }
 
 
