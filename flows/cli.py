@@ -230,9 +230,7 @@ def stop_servers(pids: dict[str, int], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     for pid in pids.values():
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 break
             time.sleep(0.2)
         else:
@@ -272,11 +270,15 @@ def up(args: argparse.Namespace) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie nobody has reaped yet counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: trust kill()
 
 
 def down(args: argparse.Namespace) -> int:

@@ -277,3 +277,32 @@ def test_bad_config_through_the_deployment_fails_fast_without_outputs(servers, t
     assert "unknown problem source 'nope'" in run.state.message
     assert run.run_count <= 1 and not task_runs(servers, str(run.id))
     assert not (tmp_path / "runs").exists()
+
+
+def test_fcdpo_up_detach_prints_urls_and_down_stops_them(tmp_path):
+    """`fcdpo up --detach`: both servers answer on 127.0.0.1 at the printed URLs; `fcdpo down` stops them."""
+    import urllib.request
+
+    pp, mp = _port(), _port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph")}
+    env.pop("PREFECT_API_URL", None)
+    up = subprocess.run(
+        [str(BIN / "fcdpo"), "up", "--detach", "--prefect-port", str(pp), "--mlflow-port", str(mp)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stderr
+        assert f"export PREFECT_API_URL=http://127.0.0.1:{pp}/api" in up.stdout
+        assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{mp}" in up.stdout
+        for url in (f"http://127.0.0.1:{pp}/api/health", f"http://127.0.0.1:{mp}/health"):
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.status == 200
+        pids = json.loads((tmp_path / ".fcdpo" / "up.json").read_text())["pids"]
+    finally:
+        down = subprocess.run(
+            [str(BIN / "fcdpo"), "down"], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+    assert down.returncode == 0, down.stderr
+    from flows.cli import _alive
+
+    assert not any(_alive(pid) for pid in pids.values())
