@@ -53,7 +53,7 @@ def sample_shard_flow(config: RunConfig, shard: int) -> dict[str, Any]:
 def train_flow(config: RunConfig, pairs_parquet: str, out: str | None = None) -> dict[str, Any]:
     """DPO (LoRA) of ``config.student`` on an existing pairs file."""
     student_id = model_identity(config.student.model, config.student.backend)
-    out = out or str(Path(config.out_dir) / config.name / "training")
+    out = out or str(run_dir(config) / "training")
     return train(Path(pairs_parquet), config.student, student_id, out)
 
 
@@ -62,7 +62,7 @@ def evaluate_flow(config: RunConfig, adapter: str | None = None, out: str | None
     """The student (base, or base + ``adapter``) on the config's held-out problems."""
     _, test = load_problems(config.problems)
     engines = Engines()
-    out = out or str(Path(config.out_dir) / config.name / "eval" / ("after" if adapter else "before"))
+    out = out or str(run_dir(config) / "eval" / ("after" if adapter else "before"))
     try:
         result = evaluate_task(
             test, config.student, config.agent, config.evaluation, config.pairs.require_stop,
