@@ -130,25 +130,22 @@ def test_training_writes_adapter_manifest_metrics_and_caches_reference(tmp_path,
     assert len(res.history) == 4 and res.resumed_from is None
     (cache,) = (tmp_path / "cache").glob("*.npz")
     stamp = cache.stat().st_mtime_ns
+
+    def again(run: str, model_hash: str) -> None:
+        train_dpo(
+            pairs[0].parquet,
+            tiny_model,
+            tmp_path / run,
+            _cfg(),
+            model_hash=model_hash,
+            cache_dir=tmp_path / "cache",
+        )
+
     # same pairs, model and template in another run folder: the reference log-probs come from the cache
-    train_dpo(
-        pairs[0].parquet,
-        tiny_model,
-        tmp_path / "run2",
-        _cfg(),
-        model_hash="tiny",
-        cache_dir=tmp_path / "cache",
-    )
+    again("run2", "tiny")
     assert list((tmp_path / "cache").glob("*.npz")) == [cache] and cache.stat().st_mtime_ns == stamp
     # another model hash is another key
-    train_dpo(
-        pairs[0].parquet,
-        tiny_model,
-        tmp_path / "run3",
-        _cfg(),
-        model_hash="other",
-        cache_dir=tmp_path / "cache",
-    )
+    again("run3", "other")
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
