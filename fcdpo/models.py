@@ -164,7 +164,8 @@ def merge_adapter(
     root = dest_root or cache_root()
     dest = root / "models" / key
     with _locked(root / "locks" / f"{key}.lock"):
-        if not (dest / "config.json").exists():
+        made = not (dest / "config.json").exists()
+        if made:
             import torch
             from peft import PeftModel
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,7 +182,64 @@ def merge_adapter(
                 tmp.rename(dest)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        (dest / LAST_USED).touch()
+    if made:
+        prune_merged(root, keep={key})
     return ResolvedModel(f"{base.name}+{adapter_dir.parent.name}", dest, key, base.has_chat_template)
+
+
+LAST_USED = ".fcdpo_last_used"
+
+
+def merged_cache_budget() -> int:
+    """Bytes the merged copies in the cache may take (``FCDPO_MERGED_CACHE_GB``, default 4): one merged
+    float32 copy of the default model is 1.1 GB, and every training run makes a new one."""
+    return int(float(os.environ.get("FCDPO_MERGED_CACHE_GB", "4")) * 1024**3)
+
+
+def prune_merged(
+    root: Path | None = None,
+    budget_bytes: int | None = None,
+    keep: set[str] = frozenset(),
+    min_idle_s: float = 900.0,
+) -> list[str]:
+    """Delete least-recently-used merged copies until they fit ``budget_bytes``; returns the keys removed.
+
+    Never removes a copy in ``keep``, one used in the last ``min_idle_s`` seconds (an engine may be loading
+    it) or one whose lock another process holds (it is being merged or reused right now)."""
+    import time
+
+    root = root or cache_root()
+    budget = merged_cache_budget() if budget_bytes is None else budget_bytes
+    entries = []
+    for d in (root / "models").glob("merged-*"):
+        if not (d / "config.json").exists():
+            continue
+        stamp = d / LAST_USED
+        used = stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        entries.append((used, d, size))
+    total = sum(size for _, _, size in entries)
+    removed: list[str] = []
+    now = time.time()
+    for used, d, size in sorted(entries, key=lambda e: e[0]):
+        if total <= budget:
+            break
+        if d.name in keep or now - used < min_idle_s:
+            continue
+        lock = _ensure(root / "locks") / f"{d.name}.lock"
+        with open(lock, "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            try:
+                shutil.rmtree(d)
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        total -= size
+        removed.append(d.name)
+    return removed
 
 
 def _ensure(p: Path) -> Path:
