@@ -195,6 +195,25 @@ def compare(before: EvalResult, after: EvalResult, cfg: EvalConfig | None = None
     return out
 
 
+def accuracy_cell(m: dict[str, Any] | None) -> str:
+    """``12.0% (6.0%-20.0%)``: a task's accuracy with its 95% CI (``-`` when not evaluated)."""
+    return f"{m['accuracy']:.1%} ({m['ci'][0]:.1%}-{m['ci'][1]:.1%})" if m else "-"
+
+
+def comparison_cells(c: dict[str, Any] | None) -> tuple[str, str]:
+    """The paired difference with its 95% CI, and the McNemar p-value (``-`` without a comparison)."""
+    if not c:
+        return "-", "-"
+    lo, hi = c["difference_ci"]
+    return f"{c['difference']:+.1%} ({lo:+.1%}, {hi:+.1%})", f"{c['mcnemar_p']:.2g}"
+
+
+def format_errors_cell(mb: dict[str, Any] | None, ma: dict[str, Any] | None) -> str:
+    """Format-error rate before -> after."""
+    rates = [f"{m['format_error_rate']:.0%}" for m in (mb, ma) if m]
+    return " -> ".join(rates) or "-"
+
+
 def format_table(before: EvalResult, after: EvalResult, comparison: dict[str, Any]) -> str:
     """A markdown table of the before/after accuracy per task."""
     lines = [
@@ -203,10 +222,9 @@ def format_table(before: EvalResult, after: EvalResult, comparison: dict[str, An
     ]
     for task, c in comparison.items():
         mb, ma = before.metrics[task], after.metrics[task]
+        diff, p = comparison_cells(c)
         lines.append(
-            f"| {task} | {c['n']} | {mb['accuracy']:.1%} ({mb['ci'][0]:.1%}-{mb['ci'][1]:.1%}) "
-            f"| {ma['accuracy']:.1%} ({ma['ci'][0]:.1%}-{ma['ci'][1]:.1%}) "
-            f"| {c['difference']:+.1%} ({c['difference_ci'][0]:+.1%}, {c['difference_ci'][1]:+.1%}) "
-            f"| {c['mcnemar_p']:.2g} | {mb['format_error_rate']:.0%} -> {ma['format_error_rate']:.0%} |"
+            f"| {task} | {c['n']} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {p} "
+            f"| {format_errors_cell(mb, ma)} |"
         )
     return "\n".join(lines)

@@ -19,7 +19,15 @@ from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import BACKENDS, Backend, SamplingParams
 from fcdpo.config import RunConfig, StudentConfig, TeacherConfig
 from fcdpo.demos import with_demonstrations
-from fcdpo.evaluation import EvalResult, compare, evaluate, format_table
+from fcdpo.evaluation import (
+    EvalResult,
+    accuracy_cell,
+    compare,
+    comparison_cells,
+    evaluate,
+    format_errors_cell,
+    format_table,
+)
 from fcdpo.hashing import digest
 from fcdpo.labelling import label_records, verdict_counts
 from fcdpo.models import merge_adapter, resolve_model
@@ -150,9 +158,6 @@ def format_results(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def acc(m: dict[str, Any] | None) -> str:
-        return f"{m['accuracy']:.1%} ({m['ci'][0]:.1%}-{m['ci'][1]:.1%})" if m else "-"
-
     for t in tasks:
         c, mb, ma = comparison.get(t), before.get(t), after.get(t)
         if t == "all":
@@ -162,20 +167,10 @@ def format_results(summary: dict[str, Any]) -> str:
         else:
             p = per_task.get(t, {})
             chains, correct, pairs = p.get("chains", 0), p.get("correct", 0), p.get("pairs", 0)
-        fmt = (
-            f"{mb['format_error_rate']:.0%} -> {ma['format_error_rate']:.0%}"
-            if mb and ma
-            else (f"{mb['format_error_rate']:.0%}" if mb else "-")
-        )
+        diff, pval = comparison_cells(c)
         lines.append(
-            f"| {t} | {c['n'] if c else (mb or {}).get('n', '-')} | {acc(mb)} | {acc(ma)} "
-            + (
-                f"| {c['difference']:+.1%} ({c['difference_ci'][0]:+.1%}, {c['difference_ci'][1]:+.1%}) "
-                f"| {c['mcnemar_p']:.2g} "
-                if c
-                else "| - | - "
-            )
-            + f"| {fmt} | {chains} ({correct}) | {pairs} |"
+            f"| {t} | {c['n'] if c else (mb or {}).get('n', '-')} | {accuracy_cell(mb)} | {accuracy_cell(ma)} "
+            f"| {diff} | {pval} | {format_errors_cell(mb, ma)} | {chains} ({correct}) | {pairs} |"
         )
     seconds = summary.get("seconds", {})
     lines.append("")

@@ -105,3 +105,31 @@ def test_plain_pipeline_runs_every_stage(tmp_path, tiny_model):
         "training",
         "eval_after",
     }
+
+
+def test_results_table_rows_from_a_summary():
+    from fcdpo.pipeline import format_results
+
+    m = lambda a, lo, hi, f, n=10: {"accuracy": a, "ci": [lo, hi], "format_error_rate": f, "n": n}  # noqa: E731
+    summary = {
+        "per_task": {"arith": {"chains": 40, "correct": 9, "pairs": 7}},
+        "chains": 40,
+        "pairs": 7,
+        "before": {"arith": m(0.0, 0.0, 0.0, 1.0), "all": m(0.0, 0.0, 0.0, 1.0)},
+        "after": {"arith": m(0.3, 0.1, 0.6, 0.0), "all": m(0.3, 0.1, 0.6, 0.0)},
+        "comparison": {
+            t: {"n": 10, "difference": 0.3, "difference_ci": [0.1, 0.6], "mcnemar_p": 0.03125}
+            for t in ("arith", "all")
+        },
+        "seconds": {"sampling": 12.34, "training": 5.0},
+    }
+    lines = format_results(summary).splitlines()
+    assert lines[2] == (
+        "| arith | 10 | 0.0% (0.0%-0.0%) | 30.0% (10.0%-60.0%) | +30.0% (+10.0%, +60.0%) | 0.031 "
+        "| 100% -> 0% | 40 (9) | 7 |"
+    )
+    assert lines[3].startswith("| all | 10 |") and lines[3].endswith("| 40 (9) | 7 |")
+    assert lines[-1] == "stage seconds: sampling 12.3, training 5.0"
+    # before only (no training yet): no comparison cells
+    only = format_results({**summary, "after": None, "comparison": None}).splitlines()
+    assert only[2] == "| arith | 10 | 0.0% (0.0%-0.0%) | - | - | - | 100% | 40 (9) | 7 |"
