@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,11 @@ def merged_cache_budget() -> int:
     return int(float(os.environ.get("FCDPO_MERGED_CACHE_GB", "4")) * 1024**3)
 
 
+def _last_used(d: Path) -> float:
+    stamp = d / LAST_USED
+    return (stamp if stamp.exists() else d).stat().st_mtime
+
+
 def prune_merged(
     root: Path | None = None,
     budget_bytes: int | None = None,
@@ -207,33 +213,32 @@ def prune_merged(
 
     Never removes a copy in ``keep``, one used in the last ``min_idle_s`` seconds (an engine may be loading
     it) or one whose lock another process holds (it is being merged or reused right now)."""
-    import time
-
     root = root or cache_root()
     budget = merged_cache_budget() if budget_bytes is None else budget_bytes
     entries = []
     for d in (root / "models").glob("merged-*"):
-        if not (d / "config.json").exists():
+        try:
+            if (d / "config.json").exists():
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                entries.append((_last_used(d), d, size))
+        except FileNotFoundError:  # pruned by another process meanwhile
             continue
-        stamp = d / LAST_USED
-        used = stamp.stat().st_mtime if stamp.exists() else d.stat().st_mtime
-        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        entries.append((used, d, size))
     total = sum(size for _, _, size in entries)
     removed: list[str] = []
-    now = time.time()
-    for used, d, size in sorted(entries, key=lambda e: e[0]):
+    for _, d, size in sorted(entries, key=lambda e: e[0]):
         if total <= budget:
             break
-        if d.name in keep or now - used < min_idle_s:
+        if d.name in keep:
             continue
-        lock = _ensure(root / "locks") / f"{d.name}.lock"
-        with open(lock, "w") as f:
+        with open(_ensure(root / "locks") / f"{d.name}.lock", "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
             try:
+                # checked under the lock: another process may have used it since the scan
+                if not d.exists() or time.time() - _last_used(d) < min_idle_s:
+                    continue
                 shutil.rmtree(d)
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
