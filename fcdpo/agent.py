@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
+from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
 from fcdpo.calls import DEFAULT_MAX_REPLY_CHARS, CallSyntaxError, parse_call
 from fcdpo.hashing import digest
+from fcdpo.memory import chain_tokens
 from fcdpo.problems.base import Problem
 from fcdpo.records import CallRecord, ChainRecord, Message
 from fcdpo.toolsets import TOOLSETS, ChainEnv, Function, FunctionError, Toolset
@@ -222,6 +223,14 @@ class Agent:
         if toolset not in self._builders:
             self._builders[toolset] = PromptBuilder(TOOLSETS.get(toolset), self.spec)
         return self._builders[toolset]
+
+    def workload(self, problems: Sequence[Problem], samples: int, reply_tokens: int) -> Workload:
+        """The engine load of ``samples`` chains of every problem in flight at once: how many sequences,
+        and the tokens the longest prompt can grow to under this agent's limits."""
+        longest = max((len(self.builder(p.toolset).header) + len(p.question) for p in problems), default=0)
+        lim = self.limits
+        tokens = chain_tokens(longest, lim.max_steps, lim.max_tries, reply_tokens, lim.max_result_chars)
+        return Workload(max(len(problems) * samples, 1), tokens)
 
     def new_chain(self, problem: Problem, sample_index: int = 0, seed: int = 0) -> Chain:
         builder = self.builder(problem.toolset)

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from fcdpo.agent import AgentLimits, PromptSpec
+from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.evaluation import EvalConfig, evaluate
 from fcdpo.problems import ProblemSet, load_source
 from fcdpo.problems.jsonl import ProblemFileError, read_jsonl_rows
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries)
     student = StudentConfig(model=args.model, backend=args.backend)
     adapter = Path(args.adapter) if args.adapter else None
-    with student_backend(student, args.adapter_mode, adapter, problems) as backend:
+    workload = Agent(PromptSpec(), limits).workload(list(problems), max(cfg.k, 1), cfg.max_tokens_per_step)
+    with student_backend(student, args.adapter_mode, adapter, problems, workload) as backend:
         result = evaluate(backend, list(problems), PromptSpec(), limits, cfg)
     result.save(args.out)
     line = {

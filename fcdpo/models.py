@@ -16,13 +16,14 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from fcdpo.settings import settings
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -51,7 +52,7 @@ def cpu_has_bf16() -> bool:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FCDPO_CACHE", Path.home() / ".cache" / "fcdpo"))
+    return settings().cache
 
 
 @contextmanager
@@ -195,7 +196,7 @@ LAST_USED = ".fcdpo_last_used"
 def merged_cache_budget() -> int:
     """Bytes the merged copies in the cache may take (``FCDPO_MERGED_CACHE_GB``, default 4): one merged
     float32 copy of the default model is 1.1 GB, and every training run makes a new one."""
-    return int(float(os.environ.get("FCDPO_MERGED_CACHE_GB", "4")) * 1024**3)
+    return int(settings().merged_cache_gb * 1024**3)
 
 
 def _last_used(d: Path) -> float:

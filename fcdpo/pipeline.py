@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
-from fcdpo.backends import BACKENDS, Backend, SamplingParams
+from fcdpo.backends import BACKENDS, Backend, SamplingParams, Workload
 from fcdpo.config import RunConfig, StudentConfig, TeacherConfig
 from fcdpo.demos import with_demonstrations
 from fcdpo.evaluation import (
@@ -72,16 +72,43 @@ def teacher_prompt(
     return with_demonstrations(teacher.prompt, train, teacher.n_demonstrations, limits)
 
 
+# where a user changes each engine's options (named in memory and engine-start errors)
+TEACHER_OPTIONS, STUDENT_OPTIONS = "teacher.backend_options", "student.backend_options"
+
+
 def make_backend(
-    name: str, model: str, options: dict[str, Any], problems: ProblemSet | None = None
+    name: str,
+    model: str,
+    options: dict[str, Any],
+    problems: ProblemSet | None = None,
+    workload: Workload | None = None,
+    setting: str = "backend_options",
 ) -> Backend:
+    """An open backend. ``workload`` sizes an engine's memory (vLLM); ``setting`` is where the user
+    changes ``options`` (named in errors, e.g. ``teacher.backend_options``)."""
     factory = BACKENDS.get(name)
     kwargs = dict(options)
-    if "problems" in inspect.signature(factory).parameters or name == "oracle":
+    params = inspect.signature(factory).parameters
+    if "problems" in params or name == "oracle":
         kwargs["problems"] = list(problems or ())
-    if "model" in inspect.signature(factory).parameters:
+    if "model" in params:
         kwargs["model"] = model
+    if name == "vllm":
+        kwargs.update(workload=workload, setting=setting)
     return factory(**kwargs)
+
+
+def sampling_workload(cfg: RunConfig, prompt: PromptSpec, problems: ProblemSet) -> Workload:
+    """What the teacher's engine holds: every chain of the largest shard, each as long as the limits allow."""
+    s = cfg.teacher.sampling
+    shard = problems.head(s.shard_size) if len(problems) > s.shard_size else problems
+    return Agent(prompt, cfg.agent).workload(list(shard), s.samples_per_problem, s.max_tokens_per_step)
+
+
+def eval_workload(cfg: RunConfig, problems: ProblemSet) -> Workload:
+    """What a student's evaluation engine holds: one greedy chain per problem, or k sampled ones."""
+    e = cfg.evaluation
+    return Agent(cfg.student.prompt, cfg.agent).workload(list(problems), max(e.k, 1), e.max_tokens_per_step)
 
 
 def sample(
@@ -213,8 +240,9 @@ def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None 
     #    student when both are the same model on the same backend: one engine start saved)
     if "sample" in stages:
         with make_backend(
-            cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options, sample_set
-        ) as backend:
+            cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options, sample_set,
+            sampling_workload(cfg, prompt, sample_set), TEACHER_OPTIONS,
+        ) as backend:  # fmt: skip
             with sw.stage("sampling"):
                 chains = sample(cfg, backend, prompt, sample_set, out / "shards")
             if "evaluate" in stages and _same_engine(cfg):
@@ -251,15 +279,21 @@ def run(cfg: RunConfig, metrics: Callable[[int, dict[str, float]], None] | None 
         if result.before is None:
             with (
                 sw.stage("eval_before"),
-                student_backend(cfg.student, cfg.evaluation.adapter_mode, None, test) as backend,
+                student_backend(
+                    cfg.student, cfg.evaluation.adapter_mode, None, test, eval_workload(cfg, test)
+                ) as backend,
             ):
                 result.before = evaluate_student(cfg, backend, test, out / "eval" / "before")
         if result.training is not None:
             with (
                 sw.stage("eval_after"),
                 student_backend(
-                    cfg.student, cfg.evaluation.adapter_mode, result.training.adapter_dir, test
-                ) as b,
+                    cfg.student,
+                    cfg.evaluation.adapter_mode,
+                    result.training.adapter_dir,
+                    test,
+                    eval_workload(cfg, test),
+                ) as b,  # fmt: skip
             ):
                 result.after = evaluate_student(cfg, b, test, out / "eval" / "after")
             result.comparison = compare(result.before, result.after, cfg.evaluation)
@@ -290,10 +324,11 @@ def student_backend(
     adapter_mode: str = "merged",
     adapter: Path | None = None,
     problems: ProblemSet | None = None,
+    workload: Workload | None = None,
 ) -> Backend:
     """An open backend serving the student as :func:`student_engine` describes it."""
     name, model, options, lora = student_engine(s, adapter_mode, adapter)
-    backend = make_backend(name, model, options, problems)
+    backend = make_backend(name, model, options, problems, workload, STUDENT_OPTIONS)
     if lora is not None:
         backend.use_adapter(lora)  # type: ignore[attr-defined]
     return backend

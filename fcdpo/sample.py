@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rest = rest.head(args.n_problems)
     t0 = time.perf_counter()
-    with make_backend(args.backend, args.model, options, problems) as backend:
+    shard = rest.head(args.shard_size)
+    workload = Agent(prompt, limits).workload(list(shard), args.samples, args.max_tokens)
+    with make_backend(args.backend, args.model, options, problems, workload, "--backend-option") as backend:
         agent = Agent(prompt, limits, model_id=backend.model_id, chat=backend.chat)
         sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
         results = sample_problems(

@@ -29,6 +29,7 @@ evaluation-time bytes.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -40,10 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fcdpo.agent import PromptBuilder, PromptSpec, resolve_format
 from fcdpo.hashing import digest, file_sha256
+from fcdpo.memory import TrainPlan, plan_training
 from fcdpo.models import cpu_has_bf16
 from fcdpo.pairs import decode_turns
 from fcdpo.records import Message
 from fcdpo.toolsets import TOOLSETS
+
+log = logging.getLogger("fcdpo")
 
 MASKING_VERSION = "fcdpo-mask-v1"
 METRIC_KEYS = (
@@ -341,13 +345,19 @@ def _bf16_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def load_student(path: str | Path, quantization: str, gpu: bool):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_student(path: str | Path, quantization: str, gpu: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if gpu:
         kwargs["dtype"] = torch.bfloat16 if _bf16_gpu() else torch.float16
@@ -363,8 +373,14 @@ def load_student(path: str | Path, quantization: str, gpu: bool):
             kwargs["device_map"] = {"": 0}
     elif quantization == "4bit":
         raise ValueError("training.quantization: 4bit (QLoRA) needs a CUDA GPU; use auto or none on CPU")
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    return model, tok
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def memory_plan(model: str | Path, data, cfg: TrainingConfig, gpu: bool) -> TrainPlan:
+    """The checked memory plan of one DPO step on these tokenised pairs (raises NotEnoughMemory)."""
+    ids = zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True)
+    longest = max(min(len(p) + max(len(c), len(r)), cfg.max_length) for p, c, r in ids)
+    return plan_training(model, cfg.batch_size, longest, gpu=gpu).check()
 
 
 def ref_cache_key(pairs_digest: str, model_hash: str, student: PromptSpec, tok, cfg: TrainingConfig) -> str:
@@ -416,12 +432,15 @@ def train_dpo(
         _compact_logprobs_on_cpu()
     t0 = time.perf_counter()
 
-    model_obj, tok = load_student(model, cfg.quantization, gpu)
+    tok = load_tokenizer(model)
     spec = resolve_format(student or PromptSpec(), chat=bool(getattr(tok, "chat_template", None)))
     rows = pq.read_table(str(pairs_parquet)).to_pylist()
     if not rows:
         raise ValueError(f"{pairs_parquet}: no preference pairs to train on")
     data = tokenize_pairs(tok, rows, spec, cfg.mask_tool_outputs)
+    memory = memory_plan(model, data, cfg, gpu)  # before the weights are loaded: fail fast
+    log.info("training memory: %s", memory.describe())
+    model_obj = load_student(model, cfg.quantization, gpu)
     pairs_digest = file_sha256(pairs_parquet)
     key = ref_cache_key(pairs_digest, model_hash or str(model), spec, tok, cfg)
     cache_root = Path(cache_dir) if cache_dir else out_dir / "ref_logps"

@@ -13,7 +13,8 @@ import functools
 import inspect
 from typing import Any
 
-from fcdpo.backends import Backend
+from fcdpo.backends import Backend, Workload
+from fcdpo.errors import DeterministicError
 from fcdpo.hashing import code_version, digest, identity
 
 # parameters that do not change a result (handles and switches)
@@ -40,10 +41,13 @@ TRANSIENT_NAMES = ("EngineDeadError", "EngineGenerateError", "BrokenProcessPool"
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry engine crashes, lost connections and OOM-killed workers;
-    never bad input or config (ValueError, ConfigError, ProblemFileError, ...)."""
+    """Prefect ``retry_condition_fn``: retry engine crashes mid-run, lost connections and OOM-killed
+    workers; never bad input or config (ValueError, ConfigError, ProblemFileError, ...) and never a
+    :class:`~fcdpo.errors.DeterministicError` (not enough memory, an engine that did not start)."""
     try:
         state.result()
+    except DeterministicError:
+        return False
     except (ConnectionError, TimeoutError, MemoryError, concurrent.futures.BrokenExecutor):
         return True
     except Exception as e:  # engine errors come from optional packages: match them by name
@@ -59,13 +63,23 @@ class Engines:
         self._open: dict[str, Backend] = {}
         self.started = 0  # engines started by this run (0 when every model call came from cache)
 
-    def get(self, name: str, model: str, options: dict[str, Any], problems: Any = None) -> Backend:
+    def get(
+        self,
+        name: str,
+        model: str,
+        options: dict[str, Any],
+        problems: Any = None,
+        workload: Workload | None = None,
+        setting: str = "backend_options",
+    ) -> Backend:
+        """The open backend for (name, model, options), started on first use with memory for
+        ``workload``; ``setting`` is where the user changes ``options`` (named in errors)."""
         from fcdpo.pipeline import make_backend
 
         key = digest([name, model, options])
         if key not in self._open:
             self.close()  # one engine at a time: a CPU box or one GPU holds one model
-            self._open[key] = make_backend(name, model, options, problems)
+            self._open[key] = make_backend(name, model, options, problems, workload, setting)
             self.started += 1
         return self._open[key]
 

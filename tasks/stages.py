@@ -58,9 +58,10 @@ def sample_shard_task(
     engines: Engines,
 ) -> dict[str, Any]:
     """N chains per problem of one shard; a retry resumes the shard file (finished keys are skipped)."""
-    backend = engines.get(t.backend, t.model, t.backend_options, shard)
-    agent = Agent(prompt, limits, model_id=backend.model_id, chat=backend.chat)
     s = t.sampling
+    workload = Agent(prompt, limits).workload(list(shard), s.samples_per_problem, s.max_tokens_per_step)
+    backend = engines.get(t.backend, t.model, t.backend_options, shard, workload, fp.TEACHER_OPTIONS)
+    agent = Agent(prompt, limits, model_id=backend.model_id, chat=backend.chat)
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens_per_step)
     r = sample_shard(agent, backend, shard, s.samples_per_problem, params, out_dir, s.seed, s.progress)
     return {
@@ -132,7 +133,8 @@ def evaluate_task(
 ) -> EvalResult:
     """Greedy pass@1 (+ pass@k) of the student, base or base + adapter, in the sampling agent loop."""
     name, model, options, lora = fp.student_engine(s, cfg.adapter_mode, adapter)
-    backend = engines.get(name, model, options, test)
+    workload = Agent(s.prompt, limits).workload(list(test), max(cfg.k, 1), cfg.max_tokens_per_step)
+    backend = engines.get(name, model, options, test, workload, fp.STUDENT_OPTIONS)
     if lora is not None:
         backend.use_adapter(lora)  # type: ignore[attr-defined]
     result = evaluate(backend, list(test), s.prompt, limits, cfg, require_stop)

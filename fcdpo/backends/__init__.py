@@ -2,7 +2,15 @@
 
 from typing import Any
 
-from fcdpo.backends.base import BACKENDS, Backend, CallableBackend, Generation, Prompt, SamplingParams
+from fcdpo.backends.base import (
+    BACKENDS,
+    Backend,
+    CallableBackend,
+    Generation,
+    Prompt,
+    SamplingParams,
+    Workload,
+)
 
 
 def _oracle(model: str = "oracle", problems: Any = (), **kwargs: Any) -> Backend:
@@ -27,4 +35,12 @@ BACKENDS.add("oracle", _oracle)
 BACKENDS.add("vllm", _vllm)
 BACKENDS.add("openai", _openai)
 
-__all__ = ["BACKENDS", "Backend", "CallableBackend", "Generation", "Prompt", "SamplingParams"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "CallableBackend",
+    "Generation",
+    "Prompt",
+    "SamplingParams",
+    "Workload",
+]

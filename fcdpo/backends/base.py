@@ -24,6 +24,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ("\n",)
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What the caller will ask of an engine: the sequences it keeps in flight and the tokens one sequence
+    can reach (prompt and every turn). Engines that hold memory for it (vLLM) size their KV cache by it."""
+
+    sequences: int
+    tokens_per_sequence: int
+
+
 @dataclass
 class Generation:
     text: str

