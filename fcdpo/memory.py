@@ -120,6 +120,16 @@ def machine_memory() -> MachineMemory:
     return MachineMemory(total, avail, n.get("MemTotal"), node_avail)
 
 
+def on_gpu() -> bool:
+    """A CUDA GPU is visible (engines and training then use it)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing or broken
+        return False
+
+
 @dataclass(frozen=True)
 class GpuMemory:
     """Free and total memory of the GPUs an engine will use (the smallest free figure counts)."""

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fcdpo.agent import PromptBuilder, PromptSpec, resolve_format
 from fcdpo.hashing import digest, file_sha256
-from fcdpo.memory import TrainPlan, plan_training
+from fcdpo.memory import TrainPlan, on_gpu, plan_training
 from fcdpo.models import cpu_has_bf16
 from fcdpo.pairs import decode_turns
 from fcdpo.records import Message
@@ -236,12 +236,6 @@ def preference_collator(pad_token_id: int, max_length: int | None):
 # ------------------------------------------------------------------------------------ trainer
 
 
-def _on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -427,7 +421,7 @@ def train_dpo(
     cfg = cfg or TrainingConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = _on_gpu()
+    gpu = on_gpu()
     if cfg.compact_logprobs:
         _compact_logprobs_on_cpu()
     t0 = time.perf_counter()

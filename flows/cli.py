@@ -8,6 +8,7 @@
     fcdpo deploy [--prefect-file deployments/prefect.yaml]
         creates the work pools and applies the deployments to the server in PREFECT_API_URL
     fcdpo down          stops servers started with ``fcdpo up --detach``
+    fcdpo doctor [--config ...]   cores, memory, disk, engines, and whether the run fits (exit 1 if not)
     fcdpo problems ...  same as ``python -m fcdpo.problems``
 
 It lives in ``flows/`` (the orchestration layer), so the ``fcdpo`` library itself never imports Prefect.
@@ -118,12 +119,17 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
         f"student {cfg.student.model}, stages {', '.join(cfg.stages)}",
         file=sys.stderr,
     )
+    from fcdpo.errors import DeterministicError
     from fcdpo.pipeline import format_results
 
     if args.plain:
         from fcdpo import pipeline
 
-        summary = pipeline.run(cfg).summary()
+        try:
+            summary = pipeline.run(cfg).summary()
+        except DeterministicError as e:
+            print(f"fcdpo run: {e}", file=sys.stderr)
+            return 1
     else:
         from flows.pipeline import pipeline
 
@@ -132,7 +138,7 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
             server.wait()
         state = pipeline(cfg, args.tracking_uri, return_state=True)
         if not state.is_completed():
-            print(f"fcdpo run: the pipeline flow ended {state.name}: {state.message}", file=sys.stderr)
+            print(f"fcdpo run: the pipeline flow ended {state.name}: {_cause(state)}", file=sys.stderr)
             return 1
         summary = state.result()
     print()
@@ -150,6 +156,36 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _cause(state: Any) -> str:
+    """The one-line cause of a failed flow: the exception it raised (a DeterministicError's message names
+    the fix), else Prefect's state message."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # the result itself could not be read
+        exc = e
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}"
+    return state.message or state.name
+
+
+# -- fcdpo doctor ---------------------------------------------------------------------------------------
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """The machine, the engines that import, and whether the config's run fits now (exit 1 if not)."""
+    from fcdpo.config import ConfigError
+    from fcdpo.doctor import doctor as check
+
+    try:
+        report = check(args.config, imports=not args.no_imports)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(f"fcdpo doctor: {args.config}")
+    print(report.render())
+    return 0 if report.fits else 1
 
 
 # -- fcdpo up / down ------------------------------------------------------------------------------------
@@ -358,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("deploy", help="create the work pools and apply deployments/prefect.yaml")
     d.add_argument("--prefect-file", default=str(ROOT / "deployments" / "prefect.yaml"))
     sub.add_parser("problems", help="print problems (see python -m fcdpo.problems --help)")
+    dr = sub.add_parser("doctor", help="machine, engines, and whether a config's run fits in memory now")
+    dr.add_argument("--config", default="configs/default.yaml")
+    dr.add_argument("--no-imports", action="store_true", help="skip importing the engines (faster)")
     args = ap.parse_args(argv)
-    return {"run": run, "up": up, "down": down, "deploy": deploy}[args.cmd](args)
+    return {"run": run, "up": up, "down": down, "deploy": deploy, "doctor": doctor}[args.cmd](args)
 
 
 if __name__ == "__main__":

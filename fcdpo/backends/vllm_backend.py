@@ -27,20 +27,11 @@ from typing import Any
 
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
 from fcdpo.errors import EngineStartError
-from fcdpo.memory import DTYPE_BYTES, EnginePlan, plan_engine
+from fcdpo.memory import DTYPE_BYTES, EnginePlan, on_gpu, plan_engine
 from fcdpo.models import DEFAULT_MODEL, cpu_has_bf16, resolve_model
 from fcdpo.settings import settings
 
 log = logging.getLogger("fcdpo")
-
-
-def _on_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover - torch missing
-        return False
 
 
 def _cpu_dtype() -> str:
@@ -83,7 +74,7 @@ def engine_plan(
     """The memory plan of an engine built with these options (what :class:`VLLMBackend` and
     :func:`server_command` use, and what ``fcdpo doctor`` prints); ``check`` raises
     :class:`fcdpo.errors.NotEnoughMemory` when it does not fit."""
-    gpu = _on_gpu()
+    gpu = on_gpu()
     seqs = max_num_seqs or min(workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS)
     plan = plan_engine(
         resolve_model(model).path, _dtype_bytes(dtype or _default_dtype(gpu)), max_model_len, seqs,
@@ -123,7 +114,7 @@ class VLLMBackend(Backend):
         **engine_kwargs: Any,
     ):
         resolved = resolve_model(model)
-        gpu = _on_gpu()
+        gpu = on_gpu()
         dtype = dtype or _default_dtype(gpu)
         utilization = gpu_memory_utilization or default_utilization(gpu)
         self.memory = engine_plan(
@@ -252,7 +243,7 @@ def server_command(
     import sys
 
     resolved = resolve_model(model)
-    gpu = _on_gpu()
+    gpu = on_gpu()
     dtype = _default_dtype(gpu)
     utilization = gpu_memory_utilization or default_utilization(gpu)
     plan = engine_plan(

