@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
-from fcdpo.backends import SamplingParams
+from fcdpo.backends import SamplingParams, Workload
 from fcdpo.backends.openai_backend import BackendError, OpenAIBackend
 from fcdpo.backends.vllm_backend import server_command
 from fcdpo.demos import with_demonstrations
@@ -34,7 +34,11 @@ def _free_port():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     port = _free_port()
-    argv, env = server_command(port=port, served_model_name="gemma", gpu_memory_utilization=0.25)
+    # the same sizing as every engine: a KV cache for the chains the tests keep in flight, in bytes
+    argv, env = server_command(
+        port=port, served_model_name="gemma", gpu_memory_utilization=0.14, workload=Workload(32, 2048)
+    )
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(32 * 2048 * 36864)
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -65,3 +65,15 @@ def test_a_prompt_too_long_aborts_only_its_chain(vllm_backend):
     gens = vllm_backend.generate(prompts, [PARAMS, PARAMS])
     assert gens[0].error is None and gens[0].completion_tokens > 0
     assert gens[1].error is not None and "longer than" in gens[1].error
+
+
+def test_the_engine_starts_with_a_fresh_machines_fraction(vllm_backend):
+    """The 0.14 reproduction of a freshly started machine: the KV cache comes from the workload in bytes."""
+    cache = vllm_backend.llm.llm_engine.vllm_config.cache_config
+    plan = vllm_backend.memory
+    assert cache.gpu_memory_utilization == 0.14
+    assert cache.kv_cache_memory_bytes == plan.kv == 32 * 2048 * 36864  # 32 sequences x 2048 tokens
+    assert plan.sequences == 32 and plan.fits
+    assert vllm_backend.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 32
+    gen = vllm_backend.generate(["Problem: What is 2+3?\n>>>"], [PARAMS])
+    assert gen[0].error is None and gen[0].completion_tokens > 0

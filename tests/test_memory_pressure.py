@@ -1,0 +1,86 @@
+"""Memory pressure, for real: a ballast process holds most of this machine's available memory (released
+at teardown), then the pipeline flow is asked to start the default model's vLLM engine. It must fail in
+seconds with the actionable message, on the sample-shard task's first and only try, writing no chains."""
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import tiny_run_config
+
+from fcdpo.memory import GiB, machine_memory
+
+pytestmark = pytest.mark.slow
+
+BALLAST = (
+    "import sys, numpy\n"
+    "a = numpy.ones(int(sys.argv[1]), dtype=numpy.uint8)  # every page written: really resident\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@pytest.fixture
+def ballast():
+    """Hold all but 3 GiB of the memory an engine could use (the default model's engine needs 4.5; the
+    Prefect API and the test process keep room to work)."""
+    size = machine_memory().usable - 3 * GiB
+    if size <= 0:
+        pytest.skip("less than 3 GiB available: the machine is already under pressure")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BALLAST, str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout.readline().strip() == b"ready"
+        yield size
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
+    return asyncio.run(read())
+
+
+def test_an_engine_that_cannot_fit_fails_at_once_and_is_not_retried(harness, ballast, tmp_path, tiny_model):
+    from flows.cli import _cause
+    from flows.pipeline import pipeline
+
+    assert machine_memory().usable < 4 * GiB  # the ballast is really held
+    cfg = tiny_run_config(
+        tmp_path, tiny_model,
+        **{"teacher.backend": "vllm", "teacher.model": "gemma-3-270m", "teacher.backend_options": {}},
+    )  # fmt: skip
+    t0 = time.monotonic()
+    state = pipeline(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
+    seconds = time.monotonic() - t0
+    assert state.is_failed()
+    cause = _cause(state)
+    assert cause.startswith("NotEnoughMemory: the cpu inference engine needs ")
+    assert "GiB is available" in cause and "--set teacher.backend_options.max_model_len=2048" in cause
+    assert seconds < 90, seconds  # no engine process was started, nothing was retried with backoff
+
+    runs = {r.name.rsplit("-", 1)[0]: r for r in _task_runs(state.state_details.flow_run_id)}
+    shard = runs["sample-shard"]
+    assert shard.state_name == "Failed" and shard.run_count == 1
+    out = tmp_path / "runs" / cfg.name
+    assert not list(out.rglob("*.jsonl")) and not (out / "shards").exists()  # nothing partial
