@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
-from fcdpo.calls import DEFAULT_MAX_REPLY_CHARS, CallSyntaxError, parse_call
+from fcdpo.calls import DEFAULT_MAX_REPLY_CHARS, MAX_REPLY_CHARS, CallSyntaxError, parse_call, valid_text
 from fcdpo.hashing import digest
 from fcdpo.memory import chain_tokens
 from fcdpo.problems.base import Problem
@@ -73,8 +73,15 @@ class AgentLimits(BaseModel):
     max_tries: int = Field(
         3, ge=1, description="consecutive failed tries before the chain is cut (try_limit)"
     )
-    max_reply_chars: int = Field(DEFAULT_MAX_REPLY_CHARS, ge=16, description="longer replies are rejected")
-    max_result_chars: int = Field(500, ge=16, description="function results are truncated to this length")
+    max_reply_chars: int = Field(
+        DEFAULT_MAX_REPLY_CHARS, ge=16, le=MAX_REPLY_CHARS, description="longer replies are rejected"
+    )
+    max_result_chars: int = Field(
+        500, ge=16, le=20_000, description="function results and error messages are cut to this length"
+    )
+    tool_time_s: float = Field(
+        2.0, gt=0, le=60, description="time budget of one function call (the z3 prover's checks share it)"
+    )
 
 
 # ------------------------------------------------------------------------------------- prompts
@@ -235,6 +242,7 @@ class Agent:
     def new_chain(self, problem: Problem, sample_index: int = 0, seed: int = 0) -> Chain:
         builder = self.builder(problem.toolset)
         env, functions = builder.toolset.instantiate()
+        env.time_budget_s = self.limits.tool_time_s
         return Chain(problem, sample_index, seed, self.model_id, builder, env, functions)
 
     def prompts(self, chains: Sequence[Chain]) -> list[Prompt]:
@@ -253,10 +261,10 @@ class Agent:
         chain.prompt_tokens += gen.prompt_tokens
         chain.completion_tokens += gen.completion_tokens
         if gen.error is not None:
-            chain.meta["error"] = gen.error
+            chain.meta["error"] = valid_text(gen.error)
             chain.stop_reason = "aborted"
             return
-        reply = gen.text.strip()
+        reply = valid_text(gen.text).strip()  # anything a model writes can be stored
         if reply.startswith(CALL_PREFIX):
             reply = reply[len(CALL_PREFIX) :].strip()
         try:
@@ -265,7 +273,7 @@ class Agent:
             self._fail(chain, reply, f"Error: {e}")
             return
         except Exception as e:  # a bug in a user's function must not kill the population
-            self._fail(chain, reply, f"Error: {type(e).__name__}: {e}"[: self.limits.max_result_chars])
+            self._fail(chain, reply, f"Error: {type(e).__name__}: {e}")
             return
         chain.consecutive_failures = 0
         chain.n_steps += 1
@@ -285,10 +293,12 @@ class Agent:
             names = ", ".join(chain.functions)
             raise FunctionError(f"unknown function {call.name!r}; the functions are: {names}")
         kwargs = type(fn).bind(call)
-        output = str(fn(**kwargs))
-        if len(output) > self.limits.max_result_chars:
-            output = output[: self.limits.max_result_chars] + " [truncated]"
+        output = self._cut(valid_text(str(fn(**kwargs))))
         return output, CallRecord(name=call.name, arguments=kwargs, output=output)
+
+    def _cut(self, text: str) -> str:
+        limit = self.limits.max_result_chars
+        return text if len(text) <= limit else text[:limit] + " [truncated]"
 
     def _fail(self, chain: Chain, reply: str, error: str) -> None:
         chain.n_failed += 1
@@ -298,7 +308,7 @@ class Agent:
             reply if len(reply) <= self.limits.max_reply_chars else reply[: self.limits.max_reply_chars] + "…"
         )
         chain.messages.append(Message(role="assistant", content=shown, failed=True))
-        chain.messages.append(Message(role="user", content=error, failed=True))
+        chain.messages.append(Message(role="user", content=self._cut(valid_text(error)), failed=True))
         if chain.consecutive_failures >= self.limits.max_tries:
             chain.stop_reason = "try_limit"
 

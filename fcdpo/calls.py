@@ -9,11 +9,32 @@ names, operators, several statements) is rejected with a message meant to be sho
 from __future__ import annotations
 
 import ast
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MAX_REPLY_CHARS = 2000
+MAX_REPLY_CHARS = 100_000  # the most any configuration may allow
 LITERAL_TYPES = (int, float, str, bool, type(None))
+ALLOWED = "arguments must be literal values: numbers, strings, True, False or None"
+
+
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate (not valid Unicode: no UTF-8 encoder takes it) replaced by U+FFFD,
+    so anything a model writes can be stored."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _lone_surrogate(text: str) -> str | None:
+    for ch in text:
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            return f"\\u{ord(ch):04x}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,17 +83,23 @@ _NODE_NAMES = {
     ast.Tuple: "tuples",
     ast.Dict: "dicts",
     ast.Set: "sets",
+    ast.UnaryOp: "operators (other than a sign before a number)",
 }
+
+
+def _checked(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CallSyntaxError(f"numbers must be finite ({value!r} is not); {ALLOWED}", "value")
+    if isinstance(value, str) and (bad := _lone_surrogate(value)):
+        raise CallSyntaxError(f"strings must be valid Unicode text ({bad} is a lone surrogate)", "value")
+    return value
 
 
 def _literal(node: ast.AST) -> Any:
     if isinstance(node, ast.Constant):
         if isinstance(node.value, LITERAL_TYPES):
-            return node.value
-        raise CallSyntaxError(
-            f"{type(node.value).__name__} literals are not allowed; use numbers, strings, True, False or None",
-            "unsafe",
-        )
+            return _checked(node.value)
+        raise CallSyntaxError(f"{type(node.value).__name__} literals are not allowed; {ALLOWED}", "unsafe")
     if (
         isinstance(node, ast.UnaryOp)
         and isinstance(node.op, ast.USub | ast.UAdd)
@@ -81,13 +108,9 @@ def _literal(node: ast.AST) -> Any:
         and not isinstance(node.operand.value, bool)
     ):
         v = node.operand.value
-        return -v if isinstance(node.op, ast.USub) else v
-    what = _NODE_NAMES.get(type(node), type(node).__name__)
-    raise CallSyntaxError(
-        f"{what} are not allowed in arguments; arguments must be literal values "
-        "(numbers, strings, True, False or None)",
-        "unsafe",
-    )
+        return _checked(-v if isinstance(node.op, ast.USub) else v)
+    what = _NODE_NAMES.get(type(node), "expressions of this kind")
+    raise CallSyntaxError(f"{what} are not allowed in arguments; {ALLOWED}", "unsafe")
 
 
 def parse_call(reply: str, max_chars: int = DEFAULT_MAX_REPLY_CHARS) -> ParsedCall:
@@ -102,7 +125,9 @@ def parse_call(reply: str, max_chars: int = DEFAULT_MAX_REPLY_CHARS) -> ParsedCa
             f"the reply is {len(text)} characters long; the limit is {max_chars}. {_EXAMPLE}"
         )
     try:
-        tree = ast.parse(text, mode="exec")
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for 1abc: the error below says it
+            warnings.simplefilter("ignore")
+            tree = ast.parse(text, mode="exec")
     except SyntaxError as e:
         where = f" (line {e.lineno}, column {e.offset})" if e.lineno else ""
         raise CallSyntaxError(f"invalid syntax: {e.msg}{where}. {_EXAMPLE}") from None
@@ -114,8 +139,11 @@ def parse_call(reply: str, max_chars: int = DEFAULT_MAX_REPLY_CHARS) -> ParsedCa
             f"expected exactly one function call, found {len(tree.body)} statements. {_EXAMPLE}"
         )
     stmt = tree.body[0]
-    if not isinstance(stmt, ast.Expr) or not isinstance(stmt.value, ast.Call):
-        raise CallSyntaxError(f"expected a function call, found {type(stmt).__name__.lower()}. {_EXAMPLE}")
+    if not isinstance(stmt, ast.Expr):
+        raise CallSyntaxError(f"expected a function call, found a statement. {_EXAMPLE}")
+    if not isinstance(stmt.value, ast.Call):
+        what = _NODE_NAMES.get(type(stmt.value), "an expression")
+        raise CallSyntaxError(f"expected a function call, found {what}. {_EXAMPLE}")
     call = stmt.value
     if not isinstance(call.func, ast.Name):
         what = _NODE_NAMES.get(type(call.func), "this kind of callee")
@@ -131,6 +159,8 @@ def parse_call(reply: str, max_chars: int = DEFAULT_MAX_REPLY_CHARS) -> ParsedCa
                 raise CallSyntaxError("**keyword unpacking is not allowed", "unsafe")
             if kw.arg.startswith("_"):
                 raise CallSyntaxError("argument names starting with '_' are not allowed", "unsafe")
+            if kw.arg in kwargs:
+                raise CallSyntaxError(f"the argument {kw.arg!r} is given twice; give each argument once")
             kwargs[kw.arg] = _literal(kw.value)
     except RecursionError:
         raise CallSyntaxError("the arguments are nested too deeply", "unsafe") from None

@@ -26,6 +26,7 @@ entail its negation, Unknown otherwise.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -37,6 +38,11 @@ MAX_DEPTH = 60
 
 class FolSyntaxError(ValueError):
     pass
+
+
+class ProverGaveUp(RuntimeError):
+    """z3 returned no verdict (its time budget ran out, or the formulas are beyond its decision
+    procedure): there is no answer, which is not the same as the answer Unknown."""
 
 
 # --------------------------------------------------------------------------------------------- AST
@@ -207,10 +213,10 @@ class _Parser:
                 return Not(self.unary())
             if tok in ("forall", "exists"):
                 self.take()
-                names = [self.name("a variable")]
+                names = [self.name("a variable").lower()]  # names are case-insensitive, as in atoms
                 while self.peek() == ",":
                     self.take()
-                    names.append(self.name("a variable"))
+                    names.append(self.name("a variable").lower())
                 if self.peek() not in (":", "."):
                     raise FolSyntaxError(f"expected ':' after the quantified variables {self.where()}")
                 self.take()
@@ -281,6 +287,7 @@ class Theory:
     """Premises stated so far, with consistent predicate arities, and entailment checks by z3."""
 
     def __init__(self, timeout_ms: int = 2000, max_premises: int = 64):
+        """``timeout_ms``: the time budget of one :meth:`entails` call, shared by its z3 checks."""
         self.premises: list[Formula] = []
         self.arity: dict[str, int] = {}
         self.timeout_ms = timeout_ms
@@ -360,22 +367,37 @@ class _Z3:
 
 
 def entails(premises: list[Formula], query: Formula, timeout_ms: int = 2000) -> tuple[Truth, bool]:
-    """Open-world entailment with z3: (True|False|Unknown, premises consistent)."""
+    """Open-world entailment with z3: (True|False|Unknown, premises consistent). Up to three checks share
+    one ``timeout_ms`` budget; a check without a verdict raises :class:`ProverGaveUp`."""
+    deadline = time.monotonic() + timeout_ms / 1000
     t = _Z3()
     s = z3.Solver()
-    s.set(timeout=timeout_ms)
     for p in premises:
         s.add(t.conv(p, {}))
     q = t.conv(query, {})
-    if s.check() == z3.unsat:
+
+    def unsat() -> bool:
+        left = int((deadline - time.monotonic()) * 1000)
+        if left <= 0:
+            raise ProverGaveUp(f"no verdict within the {timeout_ms / 1000:g} s time limit")
+        s.set(timeout=left)
+        r = s.check()
+        if r == z3.unknown:
+            reason = s.reason_unknown()
+            if reason in ("timeout", "canceled"):
+                raise ProverGaveUp(f"no verdict within the {timeout_ms / 1000:g} s time limit")
+            raise ProverGaveUp(f"z3 could not decide it ({reason})")
+        return r == z3.unsat
+
+    if unsat():
         return Truth.TRUE, False
     s.push()
     s.add(z3.Not(q))
-    proved = s.check() == z3.unsat
+    proved = unsat()
     s.pop()
     if proved:
         return Truth.TRUE, True
     s.add(q)
-    if s.check() == z3.unsat:
+    if unsat():
         return Truth.FALSE, True
     return Truth.UNKNOWN, True

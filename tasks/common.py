@@ -79,8 +79,13 @@ class Engines:
         key = digest([name, model, options])
         if key not in self._open:
             self.close()  # one engine at a time: a CPU box or one GPU holds one model
-            self._open[key] = make_backend(name, model, options, problems, workload, setting)
+            self._open[key] = backend = make_backend(name, model, options, problems, workload, setting)
             self.started += 1
+            plan = getattr(backend, "memory", None)  # the vllm backend's memory plan: say what it got
+            if plan is not None:
+                from prefect import get_run_logger
+
+                get_run_logger().info(f"{name} engine on {model}: {plan.describe()}")
         return self._open[key]
 
     def close(self) -> None:

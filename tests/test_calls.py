@@ -1,5 +1,6 @@
 """The call parser and one agent step under hostile input: never executes code, never crashes, stays fast."""
 
+import json
 import statistics
 import time
 
@@ -81,7 +82,11 @@ ATTACKS = {
     "prose": "The answer is 5.",
     "unterminated": 'Reasoning("abc',
     "unicode": "Réponse(5)",
-    "surrogates": "Answer('\ud800')",
+    "escaped_surrogate": "Answer(value='\\ud800')",
+    "escaped_surrogate_reasoning": 'Reasoning(reasoning="ok \\udc00")',
+    "duplicate_kwarg": "Add(a=1, a=2, b=3)",
+    "answer_inf": "Answer(value=1e999)",
+    "answer_neg_inf": "Answer(value=-1e999)",
 }
 
 
@@ -127,8 +132,57 @@ def test_rejection_messages_say_what_is_wrong():
     assert "no parameter 'c'" in msg["unknown_kwarg"]
     assert "division by zero" in msg["division_by_zero"]
     assert "too large" in msg["overflow_multiply"]
-    assert "not a finite number" in msg["inf"]
+    assert "numbers must be finite" in msg["inf"] and "numbers must be finite" in msg["answer_inf"]
     assert "empty" in msg["empty"]
+    assert "valid Unicode text (\\ud800 is a lone surrogate)" in msg["escaped_surrogate"]
+    assert "\\udc00 is a lone surrogate" in msg["escaped_surrogate_reasoning"]
+    assert "'a' is given twice" in msg["duplicate_kwarg"]
+    # every rejection says what is allowed, never an AST class name
+    assert all("UnaryOp" not in m and "BinOp" not in m for m in msg.values())
+    assert "arguments must be literal values" in _step("Answer(~1)")[0].messages[1].content
+
+
+def test_every_record_serialises_whatever_the_model_wrote():
+    """A lone surrogate (raw from an OpenAI server's JSON, or escaped in a string literal) never reaches
+    a record: raw ones become U+FFFD, escaped ones are a failed try the model sees."""
+    raw, _ = _step("Answer(value='\ud800')")
+    assert raw.n_steps == 1 and raw.env.answer == "\ufffd"
+    escaped, _ = _step("Answer(value='\\ud800')")
+    assert escaped.n_failed == 1 and not escaped.env.answered
+    aborted = Agent().new_chain(PROBLEM)
+    Agent().step(aborted, Generation(text="", finish_reason="error", error="bad \udfff byte"))
+    for chain in (raw, escaped, aborted):
+        text = chain.to_record().model_dump_json()
+        text.encode("utf-8")
+        assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in json.loads(text)["meta"].get("error", ""))
+        assert not any(
+            0xD800 <= ord(ch) <= 0xDFFF for m in json.loads(text)["messages"] for ch in m["content"]
+        )
+
+
+def test_rejection_messages_are_cut_to_the_result_limit():
+    limits = AgentLimits(max_tries=10, max_result_chars=100)
+    chain, _ = _step("Add(a=1, c" + "x" * 1500 + "=2)", limits)
+    assert chain.n_failed == 1 and len(chain.messages[1].content) <= 100 + len(" [truncated]")
+
+
+def test_a_syntax_error_prints_no_warning(capfd):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        chain, _ = _step("1abc")
+    assert chain.n_failed == 1 and not seen
+    assert "SyntaxWarning" not in capfd.readouterr().err
+
+
+def test_reply_limits_have_an_upper_bound():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        AgentLimits(max_reply_chars=10**9)
+    with pytest.raises(ValidationError):
+        AgentLimits(max_result_chars=10**9)
 
 
 def test_valid_step_executes_and_feeds_result_back():

@@ -44,6 +44,7 @@ class ChainEnv:
     answer: Any = None
     answered: bool = False
     stopped: bool = False
+    time_budget_s: float = 2.0  # one call's time budget (AgentLimits.tool_time_s); slow tools honour it
     scratch: dict[str, Any] = field(default_factory=dict)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fcdpo.fol import FolSyntaxError, Theory, to_text
+from fcdpo.fol import FolSyntaxError, ProverGaveUp, Theory, to_text
 from fcdpo.toolsets.base import TOOLSETS, Function, FunctionError, Toolset
 
 SYNTAX_HELP = (
@@ -14,7 +14,7 @@ SYNTAX_HELP = (
 def _theory(fn: Function) -> Theory:
     th = fn.env.scratch.get("theory")
     if th is None:
-        th = fn.env.scratch["theory"] = Theory()
+        th = fn.env.scratch["theory"] = Theory(timeout_ms=int(fn.env.time_budget_s * 1000))
     return th
 
 
@@ -34,7 +34,7 @@ class Premise(Function):
 class Prove(Function):
     description = (
         "Ask whether a statement follows from the premises stated so far. "
-        "Returns True (it follows), False (its negation follows) or Unknown."
+        "Returns True (it follows), False (its negation follows) or Unknown (neither follows)."
     )
     example = 'Prove(statement="Mammal(tom)")'
 
@@ -44,6 +44,8 @@ class Prove(Function):
             answer, consistent = th.entails(statement)
         except FolSyntaxError as e:
             raise FunctionError(f"the statement could not be checked: {e}") from None
+        except ProverGaveUp as e:
+            return f"The prover gave up: {e}. There is no answer; try simpler or fewer premises."
         if not consistent:
             return "The premises contradict each other, so every statement follows; check your premises."
         return str(answer.value)
