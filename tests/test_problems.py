@@ -169,7 +169,7 @@ def test_user_jsonl_problems(tmp_path):
         ('{"id": "c", "question": "q", "toolset": "arithmetic"}', 3, "answer"),
         ('{"id": "c", "question": "q", "answer": 1, "toolset": "chemistry"}', 3, "toolset"),
         ('{"id": "c", "question": "", "answer": 1, "toolset": "fol"}', 3, "question"),
-        ('{"id": "a", "question": "q", "answer": 1, "toolset": "fol"}', 3, "id"),
+        ('{"id": "a", "question": "q", "answer": 1, "toolset": "arithmetic"}', 3, "id"),
         ('{"id": "c", "question": "q", "answer": 1, "toolset": "fol", "anser": 2}', 3, "anser"),
         ('{"id": "c", "question": "q", "answer": [1], "toolset": "fol"}', 3, "answer"),
         ('{"id": "c", "question": "q"', 3, None),
@@ -238,3 +238,45 @@ def test_cli_loads_a_local_gsm8k_file_and_reports_errors(tmp_path):
         text=True,
     )
     assert out.returncode == 2 and ":1: field 'answer'" in out.stderr and out.stdout == ""
+
+
+HOSTILE = {
+    "binary garbage": (b"\x89PNG\r\n\x1a\x00\xff\xfe garbage", None, "not UTF-8 text (byte 0x89 at column 1)"),
+    "5000-digit answer": (
+        b'{"id": "c", "question": "q", "answer": ' + b"9" * 5000 + b', "toolset": "arithmetic"}',
+        None, "a number with 5000 digits",
+    ),
+    "nested 100k deep": (b"[" * 100_000 + b"]" * 100_000, None, "nested too deeply"),
+    "lone surrogate": (
+        b'{"id": "c", "question": "q \\ud800", "answer": 1, "toolset": "arithmetic"}', None, "lone surrogate"
+    ),
+    "fol answer 42": (b'{"id": "c", "question": "q", "answer": "42", "toolset": "fol"}', "answer", "True, False or Unknown"),
+    "fol answer maybe": (b'{"id": "c", "question": "q", "answer": "maybe", "toolset": "fol"}', "answer", "True, False or Unknown"),
+    "NaN answer": (b'{"id": "c", "question": "q", "answer": NaN, "toolset": "arithmetic"}', None, "NaN is not a number"),
+    "Infinity answer": (b'{"id": "c", "question": "q", "answer": -Infinity, "toolset": "arithmetic"}', None, "-Infinity is not"),
+    "inf string answer": (b'{"id": "c", "question": "q", "answer": "inf", "toolset": "arithmetic"}', "answer", "finite number"),
+    "NUL in id": (b'{"id": "c\\u0000", "question": "q", "answer": 1, "toolset": "arithmetic"}', "id", "control characters (found U+0000)"),
+    "control char in id": (b'{"id": "c\\u001b[31m", "question": "q", "answer": 1, "toolset": "arithmetic"}', "id", "U+001B"),
+    "id equal after trimming": (b'{"id": "a ", "question": "q", "answer": 1, "toolset": "arithmetic"}', "id", "whitespace"),
+    "duplicate keys": (b'{"id": "c", "id": "d", "question": "q", "answer": 1, "toolset": "arithmetic"}', None, "'id' appears twice"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_problem_files_fail_with_file_line_field_and_print_nothing(tmp_path, kind):
+    bad, field, message = HOSTILE[kind]
+    good = json.dumps({"id": "a", "question": "q", "answer": 1, "toolset": "arithmetic"}).encode()
+    f = tmp_path / "hostile.jsonl"
+    f.write_bytes(good + b"\n\n" + bad + b"\n" + good.replace(b'"a"', b'"z"') + b"\n")
+    with pytest.raises(ProblemFileError) as e:
+        load_source("jsonl", path=str(f))
+    assert e.value.line == 3 and e.value.field == field and message in str(e.value)
+    assert str(e.value).startswith(f"{f}:3: ")
+    from fcdpo.problems.__main__ import main
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fcdpo.problems", "--source", "jsonl", "--path", str(f)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert main is not None and out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"error: {f}:3: ") and "Traceback" not in out.stderr
