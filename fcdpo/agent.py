@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field, Strict
 
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
 from fcdpo.calls import DEFAULT_MAX_REPLY_CHARS, MAX_REPLY_CHARS, CallSyntaxError, parse_call, valid_text
@@ -29,6 +29,7 @@ from fcdpo.hashing import digest
 from fcdpo.memory import chain_tokens
 from fcdpo.problems.base import Problem
 from fcdpo.records import CallRecord, ChainRecord, Message
+from fcdpo.schema import ConfigModel
 from fcdpo.toolsets import TOOLSETS, ChainEnv, Function, FunctionError, Toolset
 
 TEMPLATE_VERSION = "fcdpo-agent-v1"
@@ -44,14 +45,16 @@ DEFAULT_SYSTEM = (
 )
 
 
-class Demonstration(BaseModel):
+class Demonstration(ConfigModel):
     """A whole worked chain shown in the prompt: the problem, then (call, result) steps."""
 
     question: str
-    steps: list[tuple[str, str]] = Field(description="(call, result) pairs; the last call is Stop()")
+    steps: list[Annotated[tuple[str, str], Strict(False)]] = Field(
+        description="(call, result) pairs ([call, result] in YAML); the last call is Stop()"
+    )
 
 
-class PromptSpec(BaseModel):
+class PromptSpec(ConfigModel):
     """How prompts are rendered. The teacher's spec may carry demonstrations; the student's has none."""
 
     system: str = Field(DEFAULT_SYSTEM, description="instructions placed before the function list")
@@ -68,7 +71,7 @@ class PromptSpec(BaseModel):
     )
 
 
-class AgentLimits(BaseModel):
+class AgentLimits(ConfigModel):
     max_steps: int = Field(16, ge=1, description="successful calls before the chain is cut (step_limit)")
     max_tries: int = Field(
         3, ge=1, description="consecutive failed tries before the chain is cut (try_limit)"

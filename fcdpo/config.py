@@ -9,21 +9,23 @@ Errors name the file, the line and the field::
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fcdpo.agent import AgentLimits, PromptSpec
 from fcdpo.evaluation import EvalConfig
 from fcdpo.pairs import PAIR_STRATEGIES, PairsConfig
 from fcdpo.problems import PROBLEM_SOURCES
+from fcdpo.schema import ConfigModel
 from fcdpo.training import TrainingConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(ConfigModel):
+    pass
 
 
 class ProblemSourceConfig(_Strict):
@@ -36,6 +38,31 @@ class ProblemSourceConfig(_Strict):
         if v not in PROBLEM_SOURCES:
             raise ValueError(f"unknown problem source {v!r}; registered: {', '.join(PROBLEM_SOURCES)}")
         return v
+
+    @model_validator(mode="after")
+    def _params_fit_the_source(self) -> ProblemSourceConfig:
+        """A typo in a parameter, a missing one, or a file that is not there fails when the config loads,
+        before a run folder or an MLflow run exists."""
+        sig = inspect.signature(PROBLEM_SOURCES.get(self.source))
+        accepted = [n for n, p in sig.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+        for name in self.params:
+            if name not in accepted and not takes_any:
+                raise ValueError(
+                    f"problem source {self.source!r} has no parameter {name!r}; its parameters: "
+                    + ", ".join(accepted)
+                )
+        for name, p in sig.parameters.items():
+            if (
+                p.default is p.empty
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                and name not in self.params
+            ):
+                raise ValueError(f"problem source {self.source!r} needs the parameter {name!r}")
+        path = self.params.get("path")
+        if path is not None and not Path(str(path)).expanduser().is_file():
+            raise ValueError(f"problem source {self.source!r}: path {path!r} is not a file")
+        return self
 
 
 class ProblemsConfig(_Strict):
@@ -175,14 +202,45 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
+MAX_YAML_VALUES = 100_000  # a run config has a few hundred; aliases can make a 1 KB file expand to 10^8
+
+
+def _expanded_size(node: yaml.Node | None, memo: dict[int, int] | None = None) -> int:
+    """How many values the document has once every alias is expanded (shared nodes counted each time)."""
+    if node is None:
+        return 0
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a cycle counts once
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size = min(size, MAX_YAML_VALUES + 1)
+    return size
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     path = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(path, None, "", f"cannot read the file ({e.strerror})") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(path, line, "", f"not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    try:
         node = yaml.compose(text)
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise ConfigError(
+                path, None, "", f"the YAML expands to more than {MAX_YAML_VALUES:,} values through aliases "
+                "(&anchor / *alias); write the values out"
+            )  # fmt: skip
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

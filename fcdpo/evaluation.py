@@ -21,18 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec, run_chains
 from fcdpo.backends.base import Backend, SamplingParams
 from fcdpo.labelling import Verdict, label_records
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord, write_jsonl
+from fcdpo.schema import ConfigModel
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvalConfig(ConfigModel):
     k: int = Field(4, ge=0, description="sampled chains per problem for pass@k (0: greedy pass@1 only)")
     temperature: float = Field(0.7, gt=0, description="temperature of the pass@k samples")
     max_tokens_per_step: int = Field(64, ge=1, description="token budget of one reply")

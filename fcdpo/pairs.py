@@ -31,13 +31,14 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from fcdpo.agent import PromptBuilder, PromptSpec
 from fcdpo.labelling import AutoLabeller, Verdict
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord, Message
 from fcdpo.registry import Registry
+from fcdpo.schema import ConfigModel
 from fcdpo.toolsets import TOOLSETS
 
 INCORRECT = {Verdict.WRONG_ANSWER, Verdict.NO_ANSWER, Verdict.FORMAT_ERROR, Verdict.STEP_LIMIT}
@@ -45,7 +46,7 @@ INCORRECT = {Verdict.WRONG_ANSWER, Verdict.NO_ANSWER, Verdict.FORMAT_ERROR, Verd
 SEVERITY = {Verdict.WRONG_ANSWER: 1, Verdict.NO_ANSWER: 2, Verdict.STEP_LIMIT: 3, Verdict.FORMAT_ERROR: 4}
 
 
-class PairsConfig(BaseModel):
+class PairsConfig(ConfigModel):
     strategy: Literal["all", "best_vs_worst"] | str = Field(
         "all", description="registered pair strategy: all (D_w x D_l, optionally capped) or best_vs_worst"
     )

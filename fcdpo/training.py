@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fcdpo.agent import PromptBuilder, PromptSpec, resolve_format
 from fcdpo.hashing import digest, file_sha256
@@ -45,6 +45,7 @@ from fcdpo.memory import TrainPlan, on_gpu, plan_training
 from fcdpo.models import cpu_has_bf16
 from fcdpo.pairs import decode_turns
 from fcdpo.records import Message
+from fcdpo.schema import ConfigModel
 from fcdpo.toolsets import TOOLSETS
 
 log = logging.getLogger("fcdpo")
@@ -61,9 +62,7 @@ METRIC_KEYS = (
 )
 
 
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LoraSettings(ConfigModel):
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
@@ -72,10 +71,8 @@ class LoraSettings(BaseModel):
     )
 
 
-class TrainingConfig(BaseModel):
+class TrainingConfig(ConfigModel):
     """DPO hyper-parameters. The defaults are the CPU pilot's (LoRA r16, sigmoid + SFT term, beta 0.1)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     loss_type: list[str] = Field(
         ["sigmoid", "sft"],

@@ -114,3 +114,45 @@ def test_shipped_configs_resolve_every_field(name, tmp_path):
         assert cfg.problems.sources[0].source == "gsm8k" and "path" not in cfg.problems.sources[0].params
     else:
         assert cfg.teacher.model == cfg.student.model == "gemma-3-270m" and cfg.teacher.n_demonstrations > 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "message"),
+    [
+        (("name: t", "name: t\nagent:\n  max_stepz: 3"), "agent.max_stepz", "Extra inputs"),
+        (("name: t", "name: t\nteacher:\n  prompt:\n    sytem: hi"), "teacher.prompt.sytem", "Extra inputs"),
+        (("max_pairs_per_prompt: 4", "max_pairs_per_promt: 4"), "pairs.max_pairs_per_promt", "Extra inputs"),
+        (("name: t", "name: t\nstudent:\n  training:\n    lora: {rank: 8}"), "student.training.lora.rank", "Extra"),
+        (("name: t", "name: t\nevaluation:\n  kk: 2"), "evaluation.kk", "Extra inputs"),
+        (("name: t", "name: t\nteacher:\n  sampling:\n    samples_per_problem: yes"), "teacher.sampling.samples_per_problem", "valid integer"),
+        (("name: t", "name: t\nteacher:\n  sampling:\n    samples_per_problem: '3'"), "teacher.sampling.samples_per_problem", "valid integer"),
+        (("max_pairs_per_prompt: 4", "dedup: 1"), "pairs.dedup", "valid boolean"),
+        (("params: {n: 4}", "params: {nn: 4}"), "problems.sources.0", "has no parameter 'nn'; its parameters: n, seed, difficulty"),
+        (("source: fol\n      params: {n: 4}", "source: jsonl"), "problems.sources.0", "needs the parameter 'path'"),
+        (("source: fol\n      params: {n: 4}", "source: jsonl\n      params: {path: /nonexistent/p.jsonl}"), "problems.sources.0", "is not a file"),
+    ],
+)  # fmt: skip
+def test_typos_and_loose_types_fail_at_load_time(tmp_path, patch, field, message):
+    f = _write(tmp_path, BASE.replace(*patch))
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert e.value.field == field and message in str(e.value) and str(e.value).startswith(f"{f}:")
+
+
+def test_a_non_utf8_config_is_a_clear_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(BASE.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:8: not UTF-8 text \(byte 0xe9\)"):
+        load_config(f)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        bomb += f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]\n"
+    f = tmp_path / "bomb.yaml"
+    f.write_text(BASE + "extra:\n" + "".join("  " + line + "\n" for line in bomb.splitlines()))
+    assert f.stat().st_size < 2048
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values through aliases"):
+        load_config(f)
