@@ -233,6 +233,7 @@ class EnginePlan:
     memory: str  # the machine's memory in words
     explicit: bool = False  # kv_cache_gib set by the user
     setting: str = "backend_options"  # where the user changes this engine's options
+    hint: str = ""  # what else explains the figures (a freshly started machine's small node 0)
 
     @property
     def kv_tokens(self) -> int:
@@ -279,6 +280,8 @@ class EnginePlan:
             fixes.insert(1, f"a smaller KV cache: {set_option(s, 'kv_cache_gib', '<GiB>')}")
         if self.device == "cuda":
             fixes.append(f"spread the weights: {set_option(s, 'tensor_parallel_size', '<GPUs>')}")
+        if self.hint:
+            fixes.insert(0, self.hint)
         raise NotEnoughMemory(
             f"the {self.device} inference engine needs {gib(self.needed)} (weights {gib(self.weights)} + "
             f"runtime {gib(self.runtime)} + KV cache {gib(self.needed - self.weights - self.runtime)} for "
@@ -311,6 +314,7 @@ def plan_engine(
     needed = max(sequences, 1) * tokens * per_token
     floor = max_model_len * per_token
     explicit = kv_cache_gib is not None
+    hint = ""
     if gpu:
         g = gpus or gpu_memory(tp)
         available = g.free if g else 0
@@ -324,6 +328,11 @@ def plan_engine(
         m = memory or machine_memory()
         available, words, runtime = m.usable, m.describe(), CPU_ENGINE_RUNTIME
         ceiling = int(KV_SHARE * (available - weights - runtime))
+        if m.node0_total is not None and m.node0_total < 0.75 * m.total:
+            hint = (
+                f"wait a few minutes: NUMA node 0 shows {gib(m.node0_total)} of {gib(m.total)} (a freshly "
+                "started machine; the node grows as memory is added, and vLLM-CPU counts only node 0)"
+            )
     if explicit:
         kv = int(kv_cache_gib * GiB)
     elif gpu:
@@ -346,6 +355,7 @@ def plan_engine(
         memory=words,
         explicit=explicit,
         setting=setting,
+        hint=hint,
     )
 
 

@@ -330,6 +330,56 @@ def down(args: argparse.Namespace) -> int:
 # -- fcdpo deploy ---------------------------------------------------------------------------------------
 
 POOLS = {"local": "process", "gpu": "process"}
+# Flow runs of the deployments send a heartbeat every HEARTBEAT_S seconds (deployments/prefect.yaml sets
+# PREFECT_FLOWS_HEARTBEAT_FREQUENCY; 30 is Prefect's minimum). A run whose heartbeats stop for
+# ZOMBIE_AFTER_S (its worker or host died) is marked Crashed by this automation, so the pipeline's
+# deployment executor triggers its shard again and the new run resumes the shard file.
+HEARTBEAT_S = 30
+ZOMBIE_AFTER_S = 75
+ZOMBIE_AUTOMATION = "fcdpo: crash flow runs whose heartbeats stopped"
+
+
+def ensure_zombie_automation() -> bool:
+    """Create the automation unless it exists (Prefect's recipe for zombie flow runs); True if created."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+        return False
+    except ValueError:
+        pass
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        description=f"a flow run without a heartbeat for {ZOMBIE_AFTER_S} s is marked Crashed (fcdpo deploy)",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=ZOMBIE_AFTER_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {ZOMBIE_AFTER_S} s: the worker or its host died",
+            )
+        ],
+    ).create()
+    return True
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -358,6 +408,8 @@ def deploy(args: argparse.Namespace) -> int:
         print(f"fcdpo deploy: prefect deploy failed:\n{r.stdout[-4000:]}{r.stderr[-4000:]}", file=sys.stderr)
         return 1
     print(f"deployments applied from {args.prefect_file} to {_configured_api_url()}")
+    created = ensure_zombie_automation()
+    print(f"automation {ZOMBIE_AUTOMATION!r} {'created' if created else 'already there'}")
     print("start workers:  prefect worker start --pool local   (and on GPU hosts: --pool gpu)")
     return 0
 

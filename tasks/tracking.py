@@ -14,6 +14,7 @@ from typing import Any
 
 from fcdpo.config import RunConfig
 from fcdpo.hashing import file_sha256
+from fcdpo.secrets import redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -62,7 +63,7 @@ class Tracker:
         if flow_run_id:
             tags.update({"prefect.flow_run_id": flow_run_id, "prefect.flow_run_url": ui_url or ""})
         self.parent = self.client.create_run(self.experiment_id, run_name=cfg.name, tags=tags).info.run_id
-        params = flatten(cfg.model_dump(mode="json"))
+        params = flatten(redact(cfg.model_dump(mode="json")))  # no tokens in MLflow
         from mlflow.entities import Param
 
         items = [Param(k, v[:6000]) for k, v in params.items()]

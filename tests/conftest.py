@@ -169,3 +169,28 @@ def tiny_run_config(tmp_path, tiny_model, **over):
             d = d.setdefault(p, {})
         d[last] = v
     return RunConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """A real, temporary Prefect API for the module's flows (Prefect's own test harness)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def task_runs(flow_run_id):
+    """Every task run of a flow run, read from the Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as c:
+            return await c.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
+    return asyncio.run(read())

@@ -69,7 +69,7 @@ def servers(tmp_path_factory):
                     start_new_session=True,
                 )
             )
-        yield {**info, "env": env, "tmp": tmp}
+        yield {**info, "env": env, "tmp": tmp, "workers": workers}  # a test may add workers
     finally:
         stop_servers({f"worker{i}": w.pid for i, w in enumerate(workers)})
         stop_servers(info["pids"])
@@ -249,6 +249,73 @@ def test_killed_shard_worker_is_retried_and_resumes_with_exact_counts(servers, t
     assert all(sum(1 for p, _ in keys if p == pid) == samples for pid in {p for p, _ in keys})
     summary = json.loads((tmp_path / "runs" / "tiny-kill" / "summary.json").read_text())
     assert summary["chains"] == len(records)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_dead_gpu_worker_is_detected_by_heartbeat_and_its_shard_resumes_elsewhere(
+    servers, tmp_path, tiny_model
+):
+    """SIGKILL the gpu *worker process* and the flow run under it (a host dying): nobody is left to report
+    the shard run, so it stays Running until its heartbeats are missed; the automation `fcdpo deploy`
+    created marks it Crashed, the pipeline triggers the shard again, another worker runs it, and the shard
+    file holds every (problem, sample) exactly once."""
+    from flows.cli import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
+
+    auto = _api(servers, lambda c: c.read_automations_by_name(ZOMBIE_AUTOMATION))
+    assert len(auto) == 1 and auto[0].enabled
+    samples = 4
+    cfg = _config(
+        tmp_path, tiny_model, servers,
+        **{
+            "name": "tiny-deadworker",
+            "stages": ["sample", "pairs"],
+            "orchestration.executor": "deployment",
+            "teacher.backend_options": {"error_rate": 0.4, "delay_s": 0.6},
+            "teacher.sampling.shard_size": 1000,
+        },
+    )  # fmt: skip
+    pipeline_run = trigger(servers, "pipeline/pipeline", {"config": cfg})
+    shards = tmp_path / "runs" / "tiny-deadworker" / "shards"
+    deadline, killed = time.monotonic() + 300, None
+    while killed is None and time.monotonic() < deadline:
+        lines = sum(len(p.read_text().splitlines()) for p in shards.glob("shard-*.jsonl"))
+        running = [
+            r for r in child_flow_runs(servers, "sample-shard/sample-shard") if r.state_name == "Running"
+        ]
+        if running and lines >= 1:
+            pids = _pids_of_flow_run(str(running[0].id))
+            if pids:
+                workers = {_parent(p) for p in pids} - set(pids)
+                for pid in [*workers, *pids]:
+                    os.kill(pid, signal.SIGKILL)
+                killed = (str(running[0].id), lines, workers)
+        time.sleep(0.2)
+    assert killed, "the shard run never got going"
+    t_kill = time.monotonic()
+    time.sleep(3)
+    # nobody reports the run now: it is still Running
+    assert _api(servers, lambda c: c.read_flow_run(killed[0])).state_name == "Running"
+    log = open(servers["tmp"] / "logs" / "worker-gpu-2.log", "ab")  # noqa: SIM115
+    spare = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process"],
+        env=servers["env"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    servers["workers"].append(spare)  # it replaces the dead one for the rest of the module
+    run = wait(servers, pipeline_run, timeout=600)
+    assert run.state.type.value == "COMPLETED", run.state.message
+    zombie = _api(servers, lambda c: c.read_flow_run(killed[0]))
+    assert zombie.state_name == "Crashed" and "no heartbeat" in (zombie.state.message or "")
+    assert time.monotonic() - t_kill >= ZOMBIE_AFTER_S - 35  # it was the heartbeat, not the worker
+    shard_runs = [r for r in child_flow_runs(servers, "sample-shard/sample-shard") if "deadworker" in r.name]
+    assert sorted(r.state_name for r in shard_runs) == ["Completed", "Crashed"]
+    (shard_file,) = shards.glob("shard-*.jsonl")
+    records = [json.loads(x) for x in shard_file.read_text().splitlines()]
+    n_problems = len(json.loads(shard_file.with_suffix(".json").read_text())["problems"])
+    keys = [(r["problem_id"], r["sample_index"]) for r in records]
+    assert len(keys) == len(set(keys)) == n_problems * samples and killed[1] < len(records)
 
 
 def test_bad_problem_file_fails_fast_without_outputs_or_retries(servers, tmp_path, tiny_model):

@@ -4,35 +4,16 @@ Tiny config: the oracle teacher (gold solutions with injected errors), a tiny ra
 two DPO steps, evaluated through the oracle backend. Asserts lineage in MLflow and content-hash caching.
 """
 
-import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import tiny_run_config
+from conftest import task_runs, tiny_run_config
 
 pytest.importorskip("prefect")
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _task_states(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read():
-        async with get_client() as c:
-            runs = await c.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-            return {(r.name.rsplit("-", 1)[0], r.state_name) for r in runs}
-
-    return asyncio.run(read())
+    return {(r.name.rsplit("-", 1)[0], r.state_name) for r in task_runs(flow_run_id)}
 
 
 def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, tiny_model):

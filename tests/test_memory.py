@@ -57,6 +57,7 @@ def test_an_engine_that_cannot_fit_names_figures_and_the_setting(gemma):
     assert "needs 4.54 GiB" in msg and "but 3.00 GiB is available" in msg
     assert "--set teacher.backend_options.max_model_len=2048" in msg
     assert isinstance(e.value, DeterministicError) and not isinstance(e.value, MemoryError)
+    assert "wait a few minutes: NUMA node 0 shows 11.30 GiB of 24.00 GiB" in msg  # a fresh machine's node
 
 
 def test_an_explicit_kv_cache_is_used_as_given_and_checked(gemma):

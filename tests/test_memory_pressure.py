@@ -2,13 +2,12 @@
 at teardown), then the pipeline flow is asked to start the default model's vLLM engine. It must fail in
 seconds with the actionable message, on the sample-shard task's first and only try, writing no chains."""
 
-import asyncio
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import tiny_run_config
+from conftest import task_runs, tiny_run_config
 
 from fcdpo.memory import GiB, machine_memory
 
@@ -40,27 +39,6 @@ def ballast():
         proc.wait()
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-def _task_runs(flow_run_id):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read():
-        async with get_client() as c:
-            return await c.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-
-    return asyncio.run(read())
-
-
 def test_an_engine_that_cannot_fit_fails_at_once_and_is_not_retried(harness, ballast, tmp_path, tiny_model):
     from flows.cli import _cause
     from flows.pipeline import pipeline
@@ -79,7 +57,7 @@ def test_an_engine_that_cannot_fit_fails_at_once_and_is_not_retried(harness, bal
     assert "GiB is available" in cause and "--set teacher.backend_options.max_model_len=2048" in cause
     assert seconds < 90, seconds  # no engine process was started, nothing was retried with backoff
 
-    runs = {r.name.rsplit("-", 1)[0]: r for r in _task_runs(state.state_details.flow_run_id)}
+    runs = {r.name.rsplit("-", 1)[0]: r for r in task_runs(state.state_details.flow_run_id)}
     shard = runs["sample-shard"]
     assert shard.state_name == "Failed" and shard.run_count == 1
     out = tmp_path / "runs" / cfg.name

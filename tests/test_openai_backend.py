@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from conftest import tiny_run_config
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import SamplingParams, Workload
@@ -180,3 +181,56 @@ def test_an_unreachable_server_fails_after_bounded_retries():
         be.generate(["x"], [SamplingParams()])
     assert be.retries == 2 and time.time() - t0 < 10
     be.close()
+
+
+def test_a_canary_token_in_the_teacher_url_appears_nowhere(
+    server, harness, tmp_path, tiny_model, monkeypatch, capfd
+):
+    """The whole pipeline flow with the teacher behind ``http://user:CANARY@.../v1`` and a CANARY API key:
+    the token must not reach the run folder, the MLflow store, the Prefect logs or the output."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from flows.pipeline import pipeline
+
+    canary, key = "canary-url-5d81f0", "canary-key-a94c27"
+    monkeypatch.setenv("FCDPO_CANARY_KEY", key)
+    monkeypatch.chdir(tmp_path)  # ./mlartifacts lands here
+    port = server.rsplit(":", 1)[1]
+    cfg = tiny_run_config(
+        tmp_path, tiny_model,
+        **{
+            "problems.sources": [
+                {"source": "fol", "params": {"n": 4, "seed": 4, "difficulty": "easy"}},
+                {"source": "arith", "params": {"n": 4, "seed": 4, "steps": 1}},
+            ],
+            "teacher.backend": "openai", "teacher.model": "gemma",
+            "teacher.backend_options": {
+                "base_url": f"http://fcdpo:{canary}@127.0.0.1:{port}/v1", "served_model_name": "gemma",
+                "api_key_env": "FCDPO_CANARY_KEY",
+            },
+            "teacher.sampling.samples_per_problem": 2, "agent.max_steps": 6,
+        },
+    )  # fmt: skip
+    state = pipeline(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
+    assert state.is_completed(), state
+    out, err = capfd.readouterr()
+
+    async def logs():
+        async with get_client() as c:
+            flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            return await c.read_logs(log_filter=flt)
+
+    prefect_logs = "\n".join(r.message for r in asyncio.run(logs()))
+    assert "Finished in state Completed" in prefect_logs or prefect_logs  # the logs were read
+    for secret in (canary, key):
+        assert secret not in out and secret not in err and secret not in prefect_logs
+        for f in tmp_path.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f
+    from mlflow import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state.result()["mlflow"]["run_id"])
+    assert run.data.params["teacher.backend_options.base_url"] == f"http://***@127.0.0.1:{port}/v1"

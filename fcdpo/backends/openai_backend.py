@@ -4,7 +4,10 @@ Use it for a remote teacher: ``vllm serve`` (or ``python -m vllm.entrypoints.ope
 GPU box, or a hosted 70B model. Each chain's request carries its own seed; requests of one step run
 concurrently. Transient failures (5xx, 429, timeouts, connection resets) are retried with exponential
 backoff and jitter; any other 4xx is a clear error at once. The API key is read from the environment
-variable named by ``api_key_env`` and never appears in logs, reprs or error messages.
+variable named by ``api_key_env`` and never appears in logs, reprs or error messages; neither does a
+``user:password@`` in ``base_url`` (sent as basic auth, shown as ``***@``). A server that is not on this
+machine needs a key (``api_key_required``, default: any host but the loopback): without one the backend
+fails at once instead of sending unauthenticated requests.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
+from fcdpo.errors import DeterministicError
+from fcdpo.secrets import redact_url, split_userinfo
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 class BackendError(RuntimeError):
@@ -35,6 +43,7 @@ class OpenAIBackend(Backend):
         base_url: str = "http://127.0.0.1:8000/v1",
         *,
         api_key_env: str = "OPENAI_API_KEY",
+        api_key_required: bool | None = None,
         chat: bool = False,
         served_model_name: str | None = None,
         concurrency: int = 32,
@@ -45,21 +54,34 @@ class OpenAIBackend(Backend):
     ):
         self.model_id = model
         self.served = served_model_name or model
-        self.base_url = base_url.rstrip("/")
+        bare, auth = split_userinfo(base_url.rstrip("/"))
+        self.base_url = bare
+        self.shown_url = redact_url(base_url.rstrip("/"))
         self.chat = chat
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.retries = 0  # transient failures retried so far (for logs and tests)
         key = os.environ.get(api_key_env)
+        if api_key_required is None:
+            api_key_required = auth is None and urlsplit(bare).hostname not in LOOPBACK
+        if api_key_required and not key:
+            raise DeterministicError(
+                f"the openai backend at {self.shown_url} needs an API key: set the environment variable "
+                f"{api_key_env} (backend option api_key_env names another one; api_key_required: false for "
+                "a server that takes no key)"
+            )
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.Client(
-            headers=headers, timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency)
+            headers=headers,
+            auth=httpx.BasicAuth(*auth) if auth and not key else None,
+            timeout=timeout_s,
+            limits=httpx.Limits(max_connections=concurrency),
         )
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai")
 
     def __repr__(self) -> str:  # no key in here
-        return f"OpenAIBackend(model={self.model_id!r}, base_url={self.base_url!r})"
+        return f"OpenAIBackend(model={self.model_id!r}, base_url={self.shown_url!r})"
 
     def _request(self, prompt: Prompt, p: SamplingParams) -> Generation:
         body: dict[str, Any] = {
@@ -85,14 +107,17 @@ class OpenAIBackend(Backend):
                 if r.status_code < 400:
                     return self._parse(r.json())
                 if r.status_code not in RETRY_STATUS:
-                    raise BackendError(f"{url} answered {r.status_code}: {r.text[:300]}")
+                    raise BackendError(f"{self._shown(url)} answered {r.status_code}: {r.text[:300]}")
                 reason = f"HTTP {r.status_code}"
             if attempt == self.max_retries:
-                raise BackendError(f"{url} failed {self.max_retries + 1} times; last: {reason}")
+                raise BackendError(f"{self._shown(url)} failed {self.max_retries + 1} times; last: {reason}")
             self.retries += 1
             delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
             time.sleep(delay * (0.5 + rng.random() / 2))
         raise AssertionError("unreachable")
+
+    def _shown(self, url: str) -> str:
+        return self.shown_url + url.removeprefix(self.base_url)
 
     @staticmethod
     def _parse(data: dict[str, Any]) -> Generation:
