@@ -199,15 +199,14 @@ def _pids_of_flow_run(flow_run_id: str) -> list[int]:
     return pids
 
 
-def test_killed_shard_worker_is_retried_and_resumes_with_exact_counts(servers, tmp_path, tiny_model):
-    """The deployment executor: the shard's flow run is SIGKILLed mid-shard (its worker process dies);
-    the worker reports it Crashed, the pipeline triggers the shard again, and the rerun resumes the shard
-    file: every (problem, sample) exactly once."""
-    samples = 4
+def _kill_mid_shard(servers, tmp_path, tiny_model, name: str, with_worker: bool):
+    """Trigger the pipeline with the deployment executor on one slow shard; once the shard run is Running
+    and has written a chain, SIGKILL its flow-run processes (and, ``with_worker``, the worker above them).
+    Returns (pipeline run id, killed shard run id, lines written at the kill, shards folder)."""
     cfg = _config(
         tmp_path, tiny_model, servers,
         **{
-            "name": "tiny-kill",
+            "name": name,
             "stages": ["sample", "pairs"],
             "orchestration.executor": "deployment",
             "teacher.backend_options": {"error_rate": 0.4, "delay_s": 0.6},
@@ -215,21 +214,36 @@ def test_killed_shard_worker_is_retried_and_resumes_with_exact_counts(servers, t
         },
     )  # fmt: skip
     pipeline_run = trigger(servers, "pipeline/pipeline", {"config": cfg})
-    shards = tmp_path / "runs" / "tiny-kill" / "shards"
-    deadline, killed = time.monotonic() + 300, None
-    while killed is None and time.monotonic() < deadline:
+    shards = tmp_path / "runs" / name / "shards"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
         lines = sum(len(p.read_text().splitlines()) for p in shards.glob("shard-*.jsonl"))
         running = [
             r for r in child_flow_runs(servers, "sample-shard/sample-shard") if r.state_name == "Running"
         ]
-        if running and lines >= 1:
-            pids = _pids_of_flow_run(str(running[0].id))
-            if pids:
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                killed = (str(running[0].id), lines)
+        pids = _pids_of_flow_run(str(running[0].id)) if running and lines >= 1 else []
+        if pids:
+            workers = {_parent(p) for p in pids} - set(pids) if with_worker else set()
+            for pid in [*workers, *pids]:
+                os.kill(pid, signal.SIGKILL)
+            return pipeline_run, str(running[0].id), lines, shards
         time.sleep(0.2)
-    assert killed, "the shard run never got going"
+    raise AssertionError("the shard run never got going")
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_killed_shard_worker_is_retried_and_resumes_with_exact_counts(servers, tmp_path, tiny_model):
+    """The deployment executor: the shard's flow run is SIGKILLed mid-shard (its worker process dies);
+    the worker reports it Crashed, the pipeline triggers the shard again, and the rerun resumes the shard
+    file: every (problem, sample) exactly once."""
+    samples = 4
+    pipeline_run, shard_run, lines, shards = _kill_mid_shard(
+        servers, tmp_path, tiny_model, "tiny-kill", False
+    )
+    killed = (shard_run, lines)
 
     run = wait(servers, pipeline_run)
     assert run.state.type.value == "COMPLETED", run.state.message
@@ -251,10 +265,6 @@ def test_killed_shard_worker_is_retried_and_resumes_with_exact_counts(servers, t
     assert summary["chains"] == len(records)
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 def test_a_dead_gpu_worker_is_detected_by_heartbeat_and_its_shard_resumes_elsewhere(
     servers, tmp_path, tiny_model
 ):
@@ -267,33 +277,10 @@ def test_a_dead_gpu_worker_is_detected_by_heartbeat_and_its_shard_resumes_elsewh
     auto = _api(servers, lambda c: c.read_automations_by_name(ZOMBIE_AUTOMATION))
     assert len(auto) == 1 and auto[0].enabled
     samples = 4
-    cfg = _config(
-        tmp_path, tiny_model, servers,
-        **{
-            "name": "tiny-deadworker",
-            "stages": ["sample", "pairs"],
-            "orchestration.executor": "deployment",
-            "teacher.backend_options": {"error_rate": 0.4, "delay_s": 0.6},
-            "teacher.sampling.shard_size": 1000,
-        },
-    )  # fmt: skip
-    pipeline_run = trigger(servers, "pipeline/pipeline", {"config": cfg})
-    shards = tmp_path / "runs" / "tiny-deadworker" / "shards"
-    deadline, killed = time.monotonic() + 300, None
-    while killed is None and time.monotonic() < deadline:
-        lines = sum(len(p.read_text().splitlines()) for p in shards.glob("shard-*.jsonl"))
-        running = [
-            r for r in child_flow_runs(servers, "sample-shard/sample-shard") if r.state_name == "Running"
-        ]
-        if running and lines >= 1:
-            pids = _pids_of_flow_run(str(running[0].id))
-            if pids:
-                workers = {_parent(p) for p in pids} - set(pids)
-                for pid in [*workers, *pids]:
-                    os.kill(pid, signal.SIGKILL)
-                killed = (str(running[0].id), lines, workers)
-        time.sleep(0.2)
-    assert killed, "the shard run never got going"
+    pipeline_run, shard_run, lines, shards = _kill_mid_shard(
+        servers, tmp_path, tiny_model, "tiny-deadworker", True
+    )
+    killed = (shard_run, lines)
     t_kill = time.monotonic()
     time.sleep(3)
     # nobody reports the run now: it is still Running
