@@ -35,6 +35,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fcdpo.errors import NotEnoughMemory
 
@@ -214,13 +215,56 @@ def model_shape(model_dir: str | Path) -> ModelShape:
 # ------------------------------------------------------------------------------------ engines
 
 
-@dataclass(frozen=True)
-class EnginePlan:
-    """The memory an inference engine gets, and why. All figures in bytes."""
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Memory one component needs, part by part, against what is available. All figures in bytes."""
 
     device: str  # "cpu" | "cuda"
     weights: int
     runtime: int
+    available: int
+    memory: str  # the machine's memory in words
+    setting: str  # where the user changes this component's options
+    hint: str = ""  # what else explains the figures (a freshly started machine's small node 0)
+
+    def parts(self) -> dict[str, int]:
+        return {"weights": self.weights, "runtime": self.runtime}
+
+    @property
+    def needed(self) -> int:
+        """The least this component can run with."""
+        return sum(self.parts().values())
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.available
+
+    def figures(self) -> str:
+        """``weights 1.00 GiB + runtime 3.40 GiB + ...``"""
+        return " + ".join(f"{name} {gib(v)}" for name, v in self.parts().items())
+
+    def fixes(self) -> list[str]:
+        """What the user can change, most likely first."""
+        return []
+
+    def check(self) -> Plan:
+        """Raise :class:`NotEnoughMemory` (naming the figures and the fix) unless it fits."""
+        if self.fits:
+            return self
+        fixes = ([self.hint] if self.hint else []) + self.fixes()
+        raise NotEnoughMemory(
+            f"the {self.device} {self.what} needs {gib(self.needed)} ({self.figures()}) but {gib(self.available)} "
+            f"is available ({self.memory}). Fix: " + "; or ".join(fixes)
+        )
+
+    what = "component"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnginePlan(Plan):
+    """The memory an inference engine gets, and why."""
+
+    what = "inference engine"
     kv: int  # the KV cache the engine is given (on GPU without kv_cache_gib: vLLM's fraction decides)
     kv_needed: int  # sequences x tokens per sequence x bytes per token
     kv_floor: int  # one full-length sequence
@@ -229,24 +273,23 @@ class EnginePlan:
     sequences: int
     tokens_per_sequence: int
     max_model_len: int
-    available: int
-    memory: str  # the machine's memory in words
     explicit: bool = False  # kv_cache_gib set by the user
-    setting: str = "backend_options"  # where the user changes this engine's options
-    hint: str = ""  # what else explains the figures (a freshly started machine's small node 0)
+    setting: str = "backend_options"
 
     @property
     def kv_tokens(self) -> int:
         return self.kv // max(self.kv_per_token, 1)
 
-    @property
-    def needed(self) -> int:
-        """The least this engine can start with."""
-        return self.weights + self.runtime + max(self.kv if self.explicit else self.kv_floor, self.kv_floor)
+    def parts(self) -> dict[str, int]:
+        # the least it can start with: one full sequence, or the KV cache the user set
+        return {
+            **super().parts(),
+            "KV cache": max(self.kv if self.explicit else self.kv_floor, self.kv_floor),
+        }
 
     @property
     def fits(self) -> bool:
-        return self.needed <= self.available and self.kv >= self.kv_floor
+        return super().fits and self.kv >= self.kv_floor
 
     def describe(self) -> str:
         kv = f"KV cache {gib(self.kv)} ({self.kv_tokens:,} tokens"
@@ -260,9 +303,6 @@ class EnginePlan:
         )
 
     def check(self) -> EnginePlan:
-        """Raise :class:`NotEnoughMemory` (naming the figures and the fix) unless the engine fits."""
-        if self.fits:
-            return self
         s = self.setting
         if self.explicit and self.kv < self.kv_floor:
             enough = math.ceil(self.kv_floor / GiB * 100) / 100
@@ -272,6 +312,15 @@ class EnginePlan:
                 f"{set_option(s, 'kv_cache_gib', enough)}, or a shorter context: "
                 f"{set_option(s, 'max_model_len', max(256, self.max_model_len // 2))}"
             )
+        super().check()
+        return self
+
+    def figures(self) -> str:
+        kv = "the configured kv_cache_gib" if self.explicit else f"one {self.max_model_len}-token sequence"
+        return f"{super().figures()} for {kv}"
+
+    def fixes(self) -> list[str]:
+        s = self.setting
         fixes = [
             "free memory (stop other engines or programs; `fcdpo doctor` shows what is available)",
             f"shorten the context: {set_option(s, 'max_model_len', max(256, self.max_model_len // 2))}",
@@ -280,14 +329,7 @@ class EnginePlan:
             fixes.insert(1, f"a smaller KV cache: {set_option(s, 'kv_cache_gib', '<GiB>')}")
         if self.device == "cuda":
             fixes.append(f"spread the weights: {set_option(s, 'tensor_parallel_size', '<GPUs>')}")
-        if self.hint:
-            fixes.insert(0, self.hint)
-        raise NotEnoughMemory(
-            f"the {self.device} inference engine needs {gib(self.needed)} (weights {gib(self.weights)} + "
-            f"runtime {gib(self.runtime)} + KV cache {gib(self.needed - self.weights - self.runtime)} for "
-            f"{'the configured kv_cache_gib' if self.explicit else f'one {self.max_model_len}-token sequence'}"
-            f") but {gib(self.available)} is available ({self.memory}). Fix: " + "; or ".join(fixes)
-        )
+        return fixes
 
 
 def plan_engine(
@@ -340,22 +382,23 @@ def plan_engine(
     else:
         kv = max(min(needed, ceiling), floor)
     return EnginePlan(
+        **_machine(gpu, weights, runtime, available, words, setting),
+        kv=kv, kv_needed=needed, kv_floor=floor, kv_ceiling=max(ceiling, 0), kv_per_token=per_token,
+        sequences=sequences, tokens_per_sequence=tokens, max_model_len=max_model_len, explicit=explicit, hint=hint,
+    )  # fmt: skip
+
+
+def _machine(
+    gpu: bool, weights: int, runtime: int, available: int, words: str, setting: str
+) -> dict[str, Any]:
+    """The fields every plan has."""
+    return dict(
         device="cuda" if gpu else "cpu",
         weights=weights,
         runtime=runtime,
-        kv=kv,
-        kv_needed=needed,
-        kv_floor=floor,
-        kv_ceiling=max(ceiling, 0),
-        kv_per_token=per_token,
-        sequences=sequences,
-        tokens_per_sequence=tokens,
-        max_model_len=max_model_len,
         available=available,
         memory=words,
-        explicit=explicit,
         setting=setting,
-        hint=hint,
     )
 
 
@@ -372,49 +415,34 @@ def chain_tokens(
 # ------------------------------------------------------------------------------------ training
 
 
-@dataclass(frozen=True)
-class TrainPlan:
+@dataclass(frozen=True, kw_only=True)
+class TrainPlan(Plan):
     """Peak memory of one DPO step, estimated from the model's shape and the longest batch."""
 
-    device: str
-    weights: int
-    runtime: int
+    what = "DPO step"
     activations: int
     logits: int
-    available: int
-    memory: str
     batch_size: int
     max_tokens: int  # the longest (prompt + completion) sequence in the data, after max_length
     setting: str = "student.training"
 
-    @property
-    def needed(self) -> int:
-        return self.weights + self.runtime + self.activations + self.logits
-
-    @property
-    def fits(self) -> bool:
-        return self.needed <= self.available
+    def parts(self) -> dict[str, int]:
+        return {**super().parts(), "activations": self.activations, "logits": self.logits}
 
     def describe(self) -> str:
         return (
-            f"{self.device} DPO step: weights {gib(self.weights)} + runtime {gib(self.runtime)} + activations "
-            f"{gib(self.activations)} + logits {gib(self.logits)} (batch {self.batch_size} pairs, up to "
-            f"{self.max_tokens} tokens) = {gib(self.needed)}; available {gib(self.available)} ({self.memory})"
+            f"{self.device} DPO step: {self.figures()} (batch {self.batch_size} pairs, up to {self.max_tokens} "
+            f"tokens) = {gib(self.needed)}; available {gib(self.available)} ({self.memory})"
         )
 
-    def check(self) -> TrainPlan:
-        if self.fits:
-            return self
+    def fixes(self) -> list[str]:
         s = self.setting
-        raise NotEnoughMemory(
-            f"a {self.device} DPO step needs about {gib(self.needed)} (weights {gib(self.weights)} + runtime "
-            f"{gib(self.runtime)} + activations {gib(self.activations)} + logits {gib(self.logits)} for "
-            f"{self.batch_size} pairs of up to {self.max_tokens} tokens) but {gib(self.available)} is "
-            f"available ({self.memory}). Fix: free memory; or fewer pairs per step: "
-            f"{set_option(s, 'batch_size', max(1, self.batch_size // 2))} "
-            f"{set_option(s, 'gradient_accumulation_steps', '<n>')}; or shorter sequences: "
-            f"{set_option(s, 'max_length', max(64, self.max_tokens // 2))}"
-        )
+        return [
+            "free memory",
+            f"fewer pairs per step: {set_option(s, 'batch_size', max(1, self.batch_size // 2))} "
+            f"{set_option(s, 'gradient_accumulation_steps', '<n>')}",
+            f"shorter sequences: {set_option(s, 'max_length', max(64, self.max_tokens // 2))}",
+        ]
 
 
 def plan_training(
@@ -446,14 +474,6 @@ def plan_training(
         weights = shape.weights_bytes(dtype_bytes)
         available, words, runtime = m.available, m.describe(), TRAIN_RUNTIME
     return TrainPlan(
-        device="cuda" if gpu else "cpu",
-        weights=weights,
-        runtime=runtime,
-        activations=activations,
-        logits=logits,
-        available=available,
-        memory=words,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        setting=setting,
-    )
+        **_machine(gpu, weights, runtime, available, words, setting),
+        activations=activations, logits=logits, batch_size=batch_size, max_tokens=max_tokens,
+    )  # fmt: skip
