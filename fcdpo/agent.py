@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
@@ -153,50 +153,32 @@ class PromptBuilder:
 
 @dataclass
 class Chain:
-    """Mutable state of one chain. Each chain owns its env and function instances."""
+    """A running chain: its record (``fcdpo.records.ChainRecord``, the one record type a chain has, filled
+    in as it runs) and what only a running chain has. Each chain owns its env and function instances. The
+    record's fields read through: ``chain.n_steps`` is ``chain.record.n_steps``."""
 
     problem: Problem
-    sample_index: int
-    seed: int
-    model_id: str
     builder: PromptBuilder
     env: ChainEnv
     functions: dict[str, Function]
-    messages: list[Message] = field(default_factory=list)
-    calls: list[CallRecord] = field(default_factory=list)
-    n_steps: int = 0
-    n_failed: int = 0
+    record: ChainRecord
     n_replies: int = 0
     consecutive_failures: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    stop_reason: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "record":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.record, name)
 
     @property
     def done(self) -> bool:
-        return self.stop_reason is not None
+        return self.record.stop_reason != "running"
 
     def to_record(self) -> ChainRecord:
-        return ChainRecord(
-            problem_id=self.problem.id,
-            task=self.problem.task,
-            sample_index=self.sample_index,
-            seed=self.seed,
-            prompt_hash=self.builder.hash,
-            model_id=self.model_id,
-            toolset=self.problem.toolset,
-            messages=list(self.messages),
-            calls=list(self.calls),
-            answer=self.env.answer,
-            answered=self.env.answered,
-            stop_reason=self.stop_reason or "running",
-            n_steps=self.n_steps,
-            n_failed=self.n_failed,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            meta=dict(self.meta),
-        )
+        """A copy of the record as it stands, with the answer the chain gave."""
+        r, env = self.record, self.env
+        lists = {"messages": list(r.messages), "calls": list(r.calls), "meta": dict(r.meta)}
+        return ChainRecord(**{**dict(r), **lists, "answer": env.answer, "answered": env.answered})
 
 
 def chain_seed(base_seed: int, problem_id: str, sample_index: int) -> int:
@@ -246,7 +228,11 @@ class Agent:
         builder = self.builder(problem.toolset)
         env, functions = builder.toolset.instantiate()
         env.time_budget_s = self.limits.tool_time_s
-        return Chain(problem, sample_index, seed, self.model_id, builder, env, functions)
+        record = ChainRecord(
+            problem_id=problem.id, task=problem.task, sample_index=sample_index, seed=seed,
+            prompt_hash=builder.hash, model_id=self.model_id, toolset=problem.toolset,
+        )  # fmt: skip
+        return Chain(problem, builder, env, functions, record)
 
     def prompts(self, chains: Sequence[Chain]) -> list[Prompt]:
         """The next prompt of every chain given (all must be active)."""
@@ -261,11 +247,11 @@ class Agent:
         if chain.done:
             raise RuntimeError(f"chain {chain.problem.id}#{chain.sample_index} is already done")
         chain.n_replies += 1
-        chain.prompt_tokens += gen.prompt_tokens
-        chain.completion_tokens += gen.completion_tokens
+        chain.record.prompt_tokens += gen.prompt_tokens
+        chain.record.completion_tokens += gen.completion_tokens
         if gen.error is not None:
-            chain.meta["error"] = valid_text(gen.error)
-            chain.stop_reason = "aborted"
+            chain.record.meta["error"] = valid_text(gen.error)
+            chain.record.stop_reason = "aborted"
             return
         reply = valid_text(gen.text).strip()  # anything a model writes can be stored
         if reply.startswith(CALL_PREFIX):
@@ -279,15 +265,15 @@ class Agent:
             self._fail(chain, reply, f"Error: {type(e).__name__}: {e}")
             return
         chain.consecutive_failures = 0
-        chain.n_steps += 1
-        chain.calls.append(record)
-        chain.messages.append(Message(role="assistant", content=reply))
+        chain.record.n_steps += 1
+        chain.record.calls.append(record)
+        chain.record.messages.append(Message(role="assistant", content=reply))
         if chain.env.stopped:
-            chain.stop_reason = "stop"
+            chain.record.stop_reason = "stop"
             return
-        chain.messages.append(Message(role="user", content=output))
+        chain.record.messages.append(Message(role="user", content=output))
         if chain.n_steps >= self.limits.max_steps:
-            chain.stop_reason = "step_limit"
+            chain.record.stop_reason = "step_limit"
 
     def _execute(self, chain: Chain, reply: str) -> tuple[str, CallRecord]:
         call = parse_call(reply, self.limits.max_reply_chars)
@@ -304,16 +290,16 @@ class Agent:
         return text if len(text) <= limit else text[:limit] + " [truncated]"
 
     def _fail(self, chain: Chain, reply: str, error: str) -> None:
-        chain.n_failed += 1
+        chain.record.n_failed += 1
         chain.consecutive_failures += 1
         # keep the failed reply bounded in the record: a 100k-character reply is kept as its head
         shown = (
             reply if len(reply) <= self.limits.max_reply_chars else reply[: self.limits.max_reply_chars] + "…"
         )
-        chain.messages.append(Message(role="assistant", content=shown, failed=True))
-        chain.messages.append(Message(role="user", content=self._cut(valid_text(error)), failed=True))
+        chain.record.messages.append(Message(role="assistant", content=shown, failed=True))
+        chain.record.messages.append(Message(role="user", content=self._cut(valid_text(error)), failed=True))
         if chain.consecutive_failures >= self.limits.max_tries:
-            chain.stop_reason = "try_limit"
+            chain.record.stop_reason = "try_limit"
 
 
 # ------------------------------------------------------------------------------------- the loop
