@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -191,18 +192,20 @@ class _Parser:
         return left
 
     def or_(self) -> Formula:
-        items = [self.and_()]
-        while self.peek() == "or":
-            self.take()
-            items.append(self.and_())
-        return items[0] if len(items) == 1 else Or(tuple(items))
+        return self._joined("or", self.and_, Or)
 
     def and_(self) -> Formula:
-        items = [self.unary()]
-        while self.peek() == "and":
+        return self._joined("and", self.unary, And)
+
+    def _joined(
+        self, word: str, operand: Callable[[], Formula], node: Callable[[tuple[Formula, ...]], Formula]
+    ) -> Formula:
+        """``operand (word operand)*``: one operand, or ``node`` of them all."""
+        items = [operand()]
+        while self.peek() == word:
             self.take()
-            items.append(self.unary())
-        return items[0] if len(items) == 1 else And(tuple(items))
+            items.append(operand())
+        return items[0] if len(items) == 1 else node(tuple(items))
 
     def unary(self) -> Formula:
         self._enter()

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from fcdpo.calls import parse_call
-from fcdpo.toolsets import TOOLSETS, Function, FunctionError, Toolset, format_number
+from fcdpo.toolsets import TOOLSETS, FunctionError, Toolset
 from fcdpo.toolsets.arithmetic import Add
 
 
@@ -145,14 +145,15 @@ def test_fol_arity_clash_and_inconsistency_are_reported():
 
 
 def test_users_can_register_their_own_toolset():
-    class Square(Function):
-        description = "Square a number."
-        example = "Square(x=3)"
+    """The example in fcdpo/toolsets/base.py's docstring, run as written (under another name)."""
+    import textwrap
 
-        def __call__(self, x: float) -> str:
-            return format_number(x * x)
+    from fcdpo.toolsets import base
 
-    TOOLSETS.add("squares-test", Toolset("squares-test", (Square,)))
+    code = textwrap.dedent(base.__doc__.split("Add your own toolset::\n", 1)[1])
+    namespace: dict = {}
+    exec(code.replace('"squares"', '"squares-test"'), namespace)
+    Square = namespace["Square"]
     assert run("squares-test", "Square(x=-4)") == "16"
     assert "Square(x: float)" in TOOLSETS.get("squares-test").docs()
     with pytest.raises(ValueError, match="already registered"):

@@ -6,7 +6,7 @@ instantiated per chain with that chain's :class:`ChainEnv`, so no state is share
 
 Add your own toolset::
 
-    from fcdpo.toolsets import Function, Toolset, TOOLSETS
+    from fcdpo.toolsets import TOOLSETS, Function, Toolset, format_number
 
     class Square(Function):
         description = "Square a number."
