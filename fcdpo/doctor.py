@@ -70,7 +70,7 @@ def _import(module: str) -> tuple[bool, str]:
 
 
 def doctor(config: str | Path = "configs/default.yaml", imports: bool = True) -> Report:
-    from fcdpo import pipeline as fp
+    from fcdpo import stages
     from fcdpo.config import load_config
 
     r = Report()
@@ -94,21 +94,20 @@ def doctor(config: str | Path = "configs/default.yaml", imports: bool = True) ->
         r.fits = False
         r.add("run plan", False, "convert the default model first: make setup")
         return r
-    train, test = fp.load_problems(cfg)
-    prompt, to_sample = fp.teacher_prompt(cfg.teacher, cfg.agent, train)
-    stages: list[tuple[str, str, str, dict, object, str]] = [
-        ("teacher engine", cfg.teacher.backend, cfg.teacher.model, cfg.teacher.backend_options,
-         fp.sampling_workload(cfg, prompt, to_sample), fp.TEACHER_OPTIONS),
-        ("student engine", cfg.student.backend, cfg.student.model, cfg.student.backend_options,
-         fp.eval_workload(cfg, test), fp.STUDENT_OPTIONS),
-    ]  # fmt: skip
-    for name, backend, model, options, workload, setting in stages:
-        if backend != "vllm":
-            r.add(name, True, f"{backend} backend: no local engine memory")
+    split = stages.load_problems(cfg.problems)
+    teacher = stages.teacher_prompt(cfg.teacher, cfg.agent, split.train)
+    shard = teacher.shards(cfg.teacher.sampling.shard_size)[0] if teacher.to_sample else teacher.to_sample
+    engines = [
+        ("teacher engine", cfg.teacher.engine(), stages.SamplingJob.of(cfg, teacher.prompt).workload(shard)),
+        ("student engine", cfg.student.engine(), stages.EvalJob.of(cfg).workload(split.test)),
+    ]
+    for name, spec, workload in engines:
+        if spec.backend != "vllm":
+            r.add(name, True, f"{spec.backend} backend: no local engine memory")
             continue
         from fcdpo.backends.vllm_backend import engine_plan
 
-        plan: EnginePlan = engine_plan(model, **options, workload=workload, setting=setting, check=False)
+        plan: EnginePlan = engine_plan(spec.model, spec.options, workload, spec.setting, check=False)
         r.add(name, plan.fits, plan.describe())
         r.fits &= plan.fits
     if "train" in cfg.stages:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec, run_chains
 from fcdpo.backends.base import Backend, SamplingParams
-from fcdpo.labelling import Verdict, label_records
+from fcdpo.labelling import AutoLabeller, Verdict, label_records
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord, write_jsonl
 from fcdpo.schema import ConfigModel
@@ -43,6 +43,14 @@ class EvalConfig(ConfigModel):
         description="how an adapter is served by vLLM: merged (a merged copy cached by hash; fastest on "
         "CPU, where LoRA ran 4x slower) or lora (vLLM's LoRA support)",
     )
+
+    def greedy_params(self) -> SamplingParams:
+        """The pass@1 chain: temperature 0."""
+        return SamplingParams(temperature=0.0, max_tokens=self.max_tokens_per_step)
+
+    def sampled_params(self) -> SamplingParams:
+        """The ``k`` pass@k chains."""
+        return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens_per_step)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -85,12 +93,17 @@ class EvalResult:
     greedy: list[ChainRecord]
     sampled: list[ChainRecord] = field(default_factory=list)
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out_dir: Path | None = None  # where :meth:`save` wrote it
+
+    def files(self) -> list[Path]:
+        """The files this result stands for (a cached result whose files are gone is recomputed)."""
+        return [self.out_dir / "greedy.jsonl"] if self.out_dir else []
 
     def correct_by_problem(self) -> dict[str, bool]:
         return {r.problem_id: r.verdict == Verdict.CORRECT.value for r in self.greedy}
 
     def save(self, out_dir: str | Path) -> None:
-        out = Path(out_dir)
+        out = self.out_dir = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(self.greedy, out / "greedy.jsonl")
         if self.sampled:
@@ -150,20 +163,18 @@ def evaluate(
     prompt: PromptSpec | None = None,
     limits: AgentLimits | None = None,
     cfg: EvalConfig | None = None,
-    require_stop: bool = True,
+    labeller: AutoLabeller | None = None,
 ) -> EvalResult:
-    """Greedy pass@1 (+ sampled pass@k) of ``backend`` on ``problems`` in the sampling agent loop."""
+    """Greedy pass@1 (+ sampled pass@k) of ``backend`` on ``problems`` in the sampling agent loop, labelled
+    by ``labeller`` (default: auto, Stop() required)."""
     cfg = cfg or EvalConfig()
     agent = Agent(prompt or PromptSpec(), limits, model_id=backend.model_id, chat=backend.chat)
     by_id = {p.id: p for p in problems}
-    greedy_params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens_per_step)
-    greedy = label_records(run_chains(agent, backend, problems, 1, greedy_params), by_id, require_stop)
+    greedy = label_records(run_chains(agent, backend, problems, 1, cfg.greedy_params()), by_id, labeller)
     sampled: list[ChainRecord] = []
     if cfg.k:
-        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens_per_step)
-        sampled = label_records(
-            run_chains(agent, backend, problems, cfg.k, params, cfg.seed), by_id, require_stop
-        )
+        chains = run_chains(agent, backend, problems, cfg.k, cfg.sampled_params(), cfg.seed)
+        sampled = label_records(chains, by_id, labeller)
     return EvalResult(backend.model_id, greedy, sampled, summarise(greedy, sampled, cfg.k, cfg))
 
 
@@ -192,38 +203,3 @@ def compare(before: EvalResult, after: EvalResult, cfg: EvalConfig | None = None
             "mcnemar_p": mcnemar_p(n01, n10),
         }
     return out
-
-
-def accuracy_cell(m: dict[str, Any] | None) -> str:
-    """``12.0% (6.0%-20.0%)``: a task's accuracy with its 95% CI (``-`` when not evaluated)."""
-    return f"{m['accuracy']:.1%} ({m['ci'][0]:.1%}-{m['ci'][1]:.1%})" if m else "-"
-
-
-def comparison_cells(c: dict[str, Any] | None) -> tuple[str, str]:
-    """The paired difference with its 95% CI, and the McNemar p-value (``-`` without a comparison)."""
-    if not c:
-        return "-", "-"
-    lo, hi = c["difference_ci"]
-    return f"{c['difference']:+.1%} ({lo:+.1%}, {hi:+.1%})", f"{c['mcnemar_p']:.2g}"
-
-
-def format_errors_cell(mb: dict[str, Any] | None, ma: dict[str, Any] | None) -> str:
-    """Format-error rate before -> after."""
-    rates = [f"{m['format_error_rate']:.0%}" for m in (mb, ma) if m]
-    return " -> ".join(rates) or "-"
-
-
-def format_table(before: EvalResult, after: EvalResult, comparison: dict[str, Any]) -> str:
-    """A markdown table of the before/after accuracy per task."""
-    lines = [
-        "| task | n | before (95% CI) | after (95% CI) | difference (95% CI) | McNemar p | format errors before -> after |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for task, c in comparison.items():
-        mb, ma = before.metrics[task], after.metrics[task]
-        diff, p = comparison_cells(c)
-        lines.append(
-            f"| {task} | {c['n']} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {p} "
-            f"| {format_errors_cell(mb, ma)} |"
-        )
-    return "\n".join(lines)

@@ -53,9 +53,12 @@ FILE_KEYS = {"path", "file", "data_files"}
 
 def identity(obj: Any) -> Any:
     """A JSON-able content identity for cache keys: problem sets by digest, files by sha256, folders by
-    their files, pydantic models by their fields, models by name + weights hash."""
+    their files, stage results by the files they stand for, pydantic models by their fields, models by
+    name + weights hash."""
     if hasattr(obj, "digest") and hasattr(obj, "problems"):  # ProblemSet
         return {"problems": obj.digest}
+    if callable(getattr(obj, "files", None)):  # a stage result: the content of the files it stands for
+        return {"files": [identity(Path(p)) for p in obj.files()]}
     if hasattr(obj, "weights_hash"):  # ResolvedModel
         return {"model": obj.name, "weights": obj.weights_hash}
     if isinstance(obj, Path):

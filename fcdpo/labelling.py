@@ -17,10 +17,13 @@ from enum import StrEnum
 from fractions import Fraction
 from typing import Any
 
+from pydantic import Field, field_validator
+
 from fcdpo.numbers import format_fraction, parse_number
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord
 from fcdpo.registry import Registry
+from fcdpo.schema import ConfigModel
 
 
 class Verdict(StrEnum):
@@ -150,24 +153,52 @@ def labeller_name_for(problem: Problem) -> str:
 
 
 class AutoLabeller:
-    """Picks the right labeller per problem (by ``meta['labeller']`` or the toolset) and caches instances."""
+    """Picks the right labeller per problem (by ``meta['labeller']`` or the toolset), or one ``labeller`` for
+    every problem, and caches instances."""
 
-    def __init__(self, require_stop: bool = True):
+    def __init__(self, require_stop: bool = True, labeller: str | None = None):
         self.require_stop = require_stop
+        self.labeller = labeller
         self._cache: dict[str, Labeller] = {}
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What decides its verdicts (part of the identity of anything that stores them)."""
+        return {"require_stop": self.require_stop, "labeller": self.labeller or "auto"}
+
     def __call__(self, record: ChainRecord, problem: Problem) -> Label:
-        name = labeller_name_for(problem)
+        name = self.labeller or labeller_name_for(problem)
         if name not in self._cache:
             self._cache[name] = LABELLERS.get(name)(require_stop=self.require_stop)
         return self._cache[name].label(record, problem)
 
 
+class LabellingConfig(ConfigModel):
+    """How chains are labelled: the one setting the sampler, the pairs and the evaluation all use."""
+
+    require_stop: bool = Field(True, description="a chain is correct only if it also ended with Stop()")
+    labeller: str = Field(
+        "auto",
+        description="'auto': per problem (its meta 'labeller', else by toolset: arithmetic -> numeric, "
+        "fol -> truth, others -> exact); or one registered labeller for every problem (numeric, truth, exact)",
+    )
+
+    @field_validator("labeller")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v != "auto" and v not in LABELLERS:
+            raise ValueError(f"unknown labeller {v!r}; registered: auto, {', '.join(LABELLERS)}")
+        return v
+
+    def build(self) -> AutoLabeller:
+        return AutoLabeller(self.require_stop, None if self.labeller == "auto" else self.labeller)
+
+
 def label_records(
-    records: list[ChainRecord], problems: dict[str, Problem], require_stop: bool = True
+    records: list[ChainRecord], problems: dict[str, Problem], labeller: AutoLabeller | None = None
 ) -> list[ChainRecord]:
-    """Return copies of the records with ``verdict`` set."""
-    auto = AutoLabeller(require_stop)
+    """Return copies of the records with ``verdict`` set (by ``labeller``, default: auto, Stop() required)."""
+    auto = labeller or AutoLabeller()
     return [r.model_copy(update={"verdict": auto(r, problems[r.problem_id]).verdict.value}) for r in records]
 
 

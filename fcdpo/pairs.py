@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fcdpo.agent import PromptBuilder, PromptSpec
 from fcdpo.labelling import AutoLabeller, Verdict
@@ -62,8 +62,14 @@ class PairsConfig(ConfigModel):
     strip_failed_tries: bool = Field(
         True, description="remove failed tries (invalid reply + error) from completions"
     )
-    require_stop: bool = Field(True, description="a chain is correct only if it also ended with Stop()")
     seed: int = Field(0, description="seed of the pair sampling")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "require_stop" in data:
+            raise ValueError("require_stop moved to the labelling section: labelling.require_stop")
+        return data
 
 
 # A candidate chain is a plain tuple (turns as JSON, sample_index, verdict, n_steps, n_failed) of str/int.
@@ -123,12 +129,14 @@ class PairBuilder:
         problems: dict[str, Problem],
         student: PromptSpec | None = None,
         config: PairsConfig | None = None,
+        labeller: AutoLabeller | None = None,
     ):
+        """``labeller`` labels records that come without a verdict (default: auto, Stop() required)."""
         self.problems = problems
         self.spec = (student or PromptSpec()).model_copy(update={"demonstrations": {}})
         self.cfg = config or PairsConfig()
         self.strategy = PAIR_STRATEGIES.get(self.cfg.strategy)
-        self.labeller = AutoLabeller(require_stop=self.cfg.require_stop)
+        self.labeller = labeller or AutoLabeller()
         self.groups: dict[str, PromptGroup] = {}
         self.builders: dict[str, PromptBuilder] = {}
         self.chat = self.spec.format == "chat"
@@ -231,6 +239,10 @@ class PairsResult:
     def parquet(self) -> Path:
         return self.out_dir / "pairs.parquet"
 
+    def files(self) -> list[Path]:
+        """The files this result stands for (a cached result whose files are gone is recomputed)."""
+        return [self.parquet]
+
     def per_task(self) -> dict[str, int]:
         """Pairs per task."""
         out: dict[str, int] = {}
@@ -310,7 +322,9 @@ def build_pairs(
     out_dir: str | Path,
     student: PromptSpec | None = None,
     config: PairsConfig | None = None,
+    labeller: AutoLabeller | None = None,
     save_dataset: bool = True,
 ) -> PairsResult:
     """Label (where needed) and pair streamed chain records, and write the pairs."""
-    return write_pairs(PairBuilder(problems, student, config).add_all(records), out_dir, save_dataset)
+    builder = PairBuilder(problems, student, config, labeller)
+    return write_pairs(builder.add_all(records), out_dir, save_dataset)

@@ -22,15 +22,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from fcdpo.agent import Agent, chain_seed, step_seed
 from fcdpo.backends.base import Backend, SamplingParams
 from fcdpo.hashing import code_version, digest
-from fcdpo.labelling import AutoLabeller
+from fcdpo.labelling import AutoLabeller, verdict_counts
 from fcdpo.problems.base import ProblemSet
-from fcdpo.records import ChainRecord
+from fcdpo.records import ChainRecord, read_jsonl, write_jsonl
 
 
 class ShardSpec(BaseModel):
@@ -43,6 +44,7 @@ class ShardSpec(BaseModel):
     sampling: dict
     limits: dict
     base_seed: int
+    labelling: dict = Field(description="what decides the verdicts written with the chains")
     code_version: str
 
     @property
@@ -96,9 +98,11 @@ class ShardResult:
     completion_tokens: int
     correct: int
 
-    def records(self) -> list[ChainRecord]:
-        from fcdpo.records import read_jsonl
+    def files(self) -> list[Path]:
+        """The files this result stands for (a cached result whose files are gone is recomputed)."""
+        return [self.path]
 
+    def records(self) -> list[ChainRecord]:
         return list(read_jsonl(self.path))
 
 
@@ -140,6 +144,7 @@ def shard_spec(
     samples: int,
     sampling: SamplingParams,
     base_seed: int,
+    labeller: AutoLabeller | None = None,
 ) -> ShardSpec:
     toolsets = sorted({p.toolset for p in problems})
     return ShardSpec(
@@ -150,6 +155,7 @@ def shard_spec(
         sampling={k: v for k, v in sampling.__dict__.items() if k != "seed"},
         limits=agent.limits.model_dump(),
         base_seed=base_seed,
+        labelling=(labeller or AutoLabeller()).identity,
         code_version=code_version(),
     )
 
@@ -163,8 +169,12 @@ def sample_shard(
     out_dir: str | Path,
     base_seed: int = 0,
     progress: bool = False,
+    labeller: AutoLabeller | None = None,
 ) -> ShardResult:
-    spec = shard_spec(agent, backend, problems, samples, sampling, base_seed)
+    """``samples`` chains for each problem, labelled by ``labeller`` (default: auto, Stop() required) as
+    they finish, appended to the shard file under ``out_dir`` named by the shard's identity."""
+    label = labeller or AutoLabeller()
+    spec = shard_spec(agent, backend, problems, samples, sampling, base_seed, label)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"shard-{spec.identity}.jsonl"
@@ -181,7 +191,6 @@ def sample_shard(
 
     done = recover(path)
     by_id = problems.by_id()
-    label = AutoLabeller()
     chains = [
         agent.new_chain(p, i, chain_seed(base_seed, p.id, i))
         for p in problems
@@ -228,23 +237,38 @@ def sample_shard(
     )
 
 
-def sample_problems(
-    agent: Agent,
-    backend: Backend,
-    problems: ProblemSet,
-    samples: int,
-    sampling: SamplingParams,
-    out_dir: str | Path,
-    base_seed: int = 0,
-    shard_size: int = 64,
-    progress: bool = False,
-) -> list[ShardResult]:
-    """All shards of a problem set, one after the other, through one backend (one engine)."""
-    return [
-        sample_shard(agent, backend, shard, samples, sampling, out_dir, base_seed, progress)
-        for shard in split_shards(problems, shard_size)
-    ]
-
-
 def read_shards(results: Sequence[ShardResult]) -> list[ChainRecord]:
     return [r for res in results for r in res.records()]
+
+
+@dataclass
+class ChainsResult:
+    """Every labelled chain of a run in one JSONL file, and its counts per task (``verdict_counts``)."""
+
+    path: Path
+    per_task: dict[str, dict[str, Any]]
+
+    @property
+    def chains(self) -> int:
+        return sum(t["chains"] for t in self.per_task.values())
+
+    @property
+    def correct(self) -> int:
+        return sum(t["correct"] for t in self.per_task.values())
+
+    def files(self) -> list[Path]:
+        """The files this result stands for (a cached result whose files are gone is recomputed)."""
+        return [self.path]
+
+    def records(self) -> list[ChainRecord]:
+        return list(read_jsonl(self.path))
+
+
+def gather_chains(shards: Sequence[ShardResult], out: str | Path) -> ChainsResult:
+    """The shards' labelled chains, in shard order, in one file ``out`` (written whole, then renamed)."""
+    out = Path(out)
+    chains = read_shards(shards)
+    tmp = out.with_name(f".{out.name}.tmp")
+    write_jsonl(chains, tmp)
+    os.replace(tmp, out)
+    return ChainsResult(out, verdict_counts(chains))

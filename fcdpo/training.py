@@ -241,6 +241,14 @@ class TrainResult:
     seconds: float
     resumed_from: str | None
 
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["global_step"])
+
+    def files(self) -> list[Path]:
+        """The files this result stands for (a cached result whose files are gone is recomputed)."""
+        return [self.adapter_dir]
+
 
 MetricsSink = Callable[[int, dict[str, float]], None]
 

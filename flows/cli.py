@@ -2,14 +2,14 @@
 
     fcdpo run [--config configs/default.yaml] [--set key=value ...] [--summary-json PATH]
         the pipeline as a Prefect flow (an ephemeral Prefect API unless PREFECT_API_URL names a server),
-        ending with the results table and where the run is in MLflow; --plain runs it without Prefect
+        ending with the results table and where the run is in MLflow
     fcdpo up [--prefect-port 4200] [--mlflow-port 5000] [--detach]
         a local Prefect server and MLflow server on 127.0.0.1; prints both URLs
     fcdpo deploy [--prefect-file deployments/prefect.yaml]
         creates the work pools and applies the deployments to the server in PREFECT_API_URL
     fcdpo down          stops servers started with ``fcdpo up --detach``
     fcdpo doctor [--config ...]   cores, memory, disk, engines, and whether the run fits (exit 1 if not)
-    fcdpo problems ...  same as ``python -m fcdpo.problems``
+    fcdpo problems | sample | evaluate ...   the library's command lines (fcdpo/cli/), without Prefect
 
 It lives in ``flows/`` (the orchestration layer), so the ``fcdpo`` library itself never imports Prefect.
 """
@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -86,7 +87,7 @@ class EphemeralAPI:
         # flushed logs and events to this server
         atexit.register(self.stop)
         os.environ["PREFECT_API_URL"] = self.url
-        os.environ["FCDPO_EPHEMERAL_API"] = "1"  # no UI to link to: the server goes with this process
+        os.environ["PREFECT_UI_URL"] = ""  # no UI to link to: the server goes with this process
 
     def wait(self, timeout: float = 120) -> None:
         _wait_http(f"{self.url}/health", self.proc, timeout, Path("(stderr)"))
@@ -102,7 +103,7 @@ class EphemeralAPI:
 
 
 def run(args: argparse.Namespace) -> int:
-    server = None if args.plain or _configured_api_url() else EphemeralAPI()
+    server = None if _configured_api_url() else EphemeralAPI()
     return _run(args, server)
 
 
@@ -119,42 +120,27 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
         f"student {cfg.student.model}, stages {', '.join(cfg.stages)}",
         file=sys.stderr,
     )
-    from fcdpo.errors import DeterministicError
-    from fcdpo.pipeline import format_results
+    from flows.pipeline import pipeline
 
-    if args.plain:
-        from fcdpo import pipeline
-
-        try:
-            summary = pipeline.run(cfg).summary()
-        except DeterministicError as e:
-            print(f"fcdpo run: {e}", file=sys.stderr)
-            return 1
-    else:
-        from flows.pipeline import pipeline
-
-        if server is not None:
-            print(f"fcdpo run: no PREFECT_API_URL: a temporary Prefect API at {server.url}", file=sys.stderr)
-            server.wait()
-        state = pipeline(cfg, args.tracking_uri, return_state=True)
-        if not state.is_completed():
-            print(f"fcdpo run: the pipeline flow ended {state.name}: {_cause(state)}", file=sys.stderr)
-            return 1
-        summary = state.result()
+    if server is not None:
+        print(f"fcdpo run: no PREFECT_API_URL: a temporary Prefect API at {server.url}", file=sys.stderr)
+        server.wait()
+    state = pipeline(cfg, args.tracking_uri, return_state=True)
+    if not state.is_completed():
+        print(f"fcdpo run: the pipeline flow ended {state.name}: {_cause(state)}", file=sys.stderr)
+        return 1
+    summary = state.result()
     print()
-    print(format_results(summary))
-    if "training" in summary:
-        print(f"pairs {summary['pairs']}, DPO steps {summary['training']['steps']}")
-    if "mlflow" in summary:
-        m = summary["mlflow"]
-        print(f"MLflow: run {m['run_id']} in experiment {m['experiment_id']} at {m['tracking_uri']}")
-        print(f"        {m['url']}" + (f"   (serve with: {m['serve_with']})" if m["serve_with"] else ""))
-        print(
-            f"engines started: {summary['engines_started']}; Prefect flow run {summary['prefect_flow_run']}"
-        )
-    print(f"outputs: {summary['out_dir']}")
+    print(summary.table)
+    if summary.training:
+        print(f"pairs {summary.pairs}, DPO steps {summary.training.steps}")
+    if m := summary.mlflow:
+        print(f"MLflow: run {m.run_id} in experiment {m.experiment_id} at {m.tracking_uri}")
+        print(f"        {m.url}" + (f"   (serve with: {m.serve_with})" if m.serve_with else ""))
+    print(f"engines started: {summary.engines_started}; Prefect flow run {summary.prefect_flow_run}")
+    print(f"outputs: {summary.out_dir}")
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str))
+        summary.write(args.summary_json)
     return 0
 
 
@@ -382,6 +368,25 @@ def ensure_zombie_automation() -> bool:
     return True
 
 
+def fill_config_parameters(prefect_file: Path, dest: Path) -> Path:
+    """A copy of ``prefect_file`` in which each deployment's ``config`` parameter that names a config file
+    (``config: configs/default.yaml``) holds that file's content, validated: the UI's form then shows the
+    default config, and ``configs/default.yaml`` stays its only copy."""
+    import yaml
+
+    from fcdpo.config import load_config
+
+    spec = yaml.safe_load(prefect_file.read_text())
+    for d in spec.get("deployments") or []:
+        params = d.get("parameters") or {}
+        if isinstance(params.get("config"), str):
+            path = ROOT / params["config"]
+            load_config(path)  # a config error fails the deploy, naming the file and line
+            params["config"] = yaml.safe_load(path.read_text())
+    dest.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return dest
+
+
 def deploy(args: argparse.Namespace) -> int:
     """Work pools, then ``prefect deploy --all`` from the repository root."""
     if not _configured_api_url():
@@ -400,10 +405,18 @@ def deploy(args: argparse.Namespace) -> int:
                 print(f"fcdpo deploy: cannot create work pool {pool}:\n{r.stdout}{r.stderr}", file=sys.stderr)
                 return 1
             print(f"work pool {pool} ({kind}) created")
-    r = subprocess.run(
-        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(Path(args.prefect_file).resolve())],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+    from fcdpo.config import ConfigError
+
+    with tempfile.TemporaryDirectory(prefix="fcdpo-deploy-") as tmp:
+        try:
+            filled = fill_config_parameters(Path(args.prefect_file), Path(tmp) / "prefect.yaml")
+        except ConfigError as e:
+            print(f"fcdpo deploy: config error: {e}", file=sys.stderr)
+            return 2
+        r = subprocess.run(
+            [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(filled)],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
     if r.returncode != 0:
         print(f"fcdpo deploy: prefect deploy failed:\n{r.stdout[-4000:]}{r.stderr[-4000:]}", file=sys.stderr)
         return 1
@@ -419,10 +432,12 @@ def deploy(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "problems":
-        from fcdpo.problems.__main__ import main as problems_main
+    from fcdpo.cli import COMMANDS
 
-        return problems_main(argv[1:])
+    if argv and argv[0] in COMMANDS:  # the library's own command lines (fcdpo/cli/<name>.py, no Prefect)
+        import importlib
+
+        return importlib.import_module(f"fcdpo.cli.{argv[0]}").main(argv[1:])
     ap = argparse.ArgumentParser(prog="fcdpo", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the pipeline on a config (a Prefect flow)")
@@ -434,7 +449,6 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri in the config)"
     )
-    r.add_argument("--plain", action="store_true", help="run without Prefect/MLflow (fcdpo.pipeline.run)")
     u = sub.add_parser("up", help="start a local Prefect server and MLflow server on 127.0.0.1")
     u.add_argument("--prefect-port", type=int, default=4200)
     u.add_argument("--mlflow-port", type=int, default=5000)
@@ -445,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop the servers of `fcdpo up --detach`")
     d = sub.add_parser("deploy", help="create the work pools and apply deployments/prefect.yaml")
     d.add_argument("--prefect-file", default=str(ROOT / "deployments" / "prefect.yaml"))
-    sub.add_parser("problems", help="print problems (see python -m fcdpo.problems --help)")
+    sub.add_parser("problems", help="print problems from any registered source (fcdpo problems --help)")
+    sub.add_parser(
+        "sample", help="sample chains, sharded and resumable, without Prefect (fcdpo sample --help)"
+    )
+    sub.add_parser("evaluate", help="evaluate a model (+ adapter) on a problem file (fcdpo evaluate --help)")
     dr = sub.add_parser("doctor", help="machine, engines, and whether a config's run fits in memory now")
     dr.add_argument("--config", default="configs/default.yaml")
     dr.add_argument("--no-imports", action="store_true", help="skip importing the engines (faster)")

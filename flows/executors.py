@@ -6,47 +6,65 @@
   and Prefect's result storage. A shard run that *crashed* (its worker process was killed, OOM, the node
   went away) is triggered again, up to ``orchestration.shard_attempts`` times, and resumes its shard
   file; a shard run that *failed* (bad input, a bug) is not retried and fails the pipeline.
+
+Either way a shard whose cached result names a file that is gone (the run folder was deleted) is sampled
+again instead of trusted.
 """
 
 from __future__ import annotations
 
 import contextvars
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger
 from prefect.context import get_run_context
 
-from fcdpo.agent import PromptSpec
 from fcdpo.config import RunConfig
-from fcdpo.problems import ProblemSet
-from tasks.common import Engines
-from tasks.stages import sample_shard_task
+from fcdpo.models import model_identity
+from fcdpo.sampling import ShardResult
+from fcdpo.stages import SamplingJob, TeacherPrompt, run_dir
+from tasks.common import Engines, missing_files
+from tasks.stages import sample_shard
+
+
+def sample_shards(cfg: RunConfig, teacher: TeacherPrompt, engines: Engines) -> list[ShardResult]:
+    """Every shard of the teacher's problems sampled (N chains per problem), by the configured executor."""
+    shards = teacher.shards(cfg.teacher.sampling.shard_size)
+    if cfg.orchestration.executor == "deployment":
+        results = sample_by_deployment(cfg, len(shards))
+        if not any(missing_files(r) for r in results):
+            return results
+    return sample_local(cfg, teacher, engines, refresh=False)
 
 
 def sample_local(
-    shards: list[ProblemSet],
-    cfg: RunConfig,
-    prompt: PromptSpec,
-    model_id: str,
-    out: Path,
-    engines: Engines,
-    refresh: bool = False,
-) -> list[dict[str, Any]]:
-    """Shard after shard in this process, through one shared engine (opened only if a shard misses cache).
-    ``refresh``: ignore cached results (their shard files were deleted)."""
-    task = sample_shard_task.with_options(refresh_cache=True) if refresh else sample_shard_task
-    return [task(shard, cfg.teacher, cfg.agent, prompt, model_id, str(out), engines) for shard in shards]
+    cfg: RunConfig, teacher: TeacherPrompt, engines: Engines, refresh: bool
+) -> list[ShardResult]:
+    """Shard after shard in this process, through one shared engine (opened only if a shard misses cache);
+    a shard whose cached file is gone runs again with its cache refreshed."""
+    task = sample_shard.with_options(refresh_cache=True) if refresh else sample_shard
+    job, teacher_id = (
+        SamplingJob.of(cfg, teacher.prompt),
+        model_identity(cfg.teacher.model, cfg.teacher.backend),
+    )
+    out = str(run_dir(cfg) / "shards")
+    results = [
+        task(shard, job, teacher_id, out, engines)
+        for shard in teacher.shards(cfg.teacher.sampling.shard_size)
+    ]
+    if not refresh and any(missing_files(r) for r in results):
+        get_run_logger().warning("sample-shard: cached shard files are missing on disk; sampling again")
+        return sample_local(cfg, teacher, engines, refresh=True)
+    return results
 
 
-def sample_by_deployment(cfg: RunConfig, n_shards: int) -> list[dict[str, Any]]:
+def sample_by_deployment(cfg: RunConfig, n_shards: int) -> list[ShardResult]:
     """One ``sample-shard`` flow run per shard, all in flight at once; waits for every one."""
     params = cfg.model_dump(mode="json")
     parent = get_run_context().flow_run
     log = get_run_logger()
 
-    def one(shard: int) -> dict[str, Any]:
+    def one(shard: int) -> ShardResult:
         from prefect.deployments import run_deployment
 
         attempts = cfg.orchestration.shard_attempts

@@ -14,68 +14,64 @@ read from cache here too.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 
 from fcdpo.config import RunConfig
+from fcdpo.evaluation import EvalResult
 from fcdpo.models import model_identity
-from fcdpo.pipeline import run_dir
-from fcdpo.sampling import split_shards
+from fcdpo.sampling import ShardResult
+from fcdpo.stages import EvalJob, SamplingJob, run_dir
+from fcdpo.training import TrainResult
 from tasks.common import Engines
-from tasks.stages import evaluate_task, load_problems, sample_shard_task, teacher_prompt, train
+from tasks.stages import build_teacher_prompt, evaluate_student, load_problems, sample_shard, train_student
 
 
 @flow(name="sample-shard", persist_result=True)
-def sample_shard_flow(config: RunConfig, shard: int) -> dict[str, Any]:
-    """Shard number ``shard`` of the pipeline's sampling stage: N chains for each of its problems, written
-    to the run folder's ``shards/``. Cached by content like the local executor's shards; a run started
-    again after a crash resumes the shard file."""
-    train_set, _ = load_problems(config.problems)
-    prompt, to_sample = teacher_prompt(config.teacher, config.agent, train_set)
-    shards = split_shards(to_sample, config.teacher.sampling.shard_size)
+def sample_shard_flow(config: RunConfig, shard: int) -> ShardResult:
+    """Shard number ``shard`` of the pipeline's sampling stage: N labelled chains for each of its problems,
+    written to the run folder's ``shards/``. Cached by content like the local executor's shards; a run
+    started again after a crash resumes the shard file."""
+    split = load_problems(config.problems)
+    teacher = build_teacher_prompt(config.teacher, config.agent, split.train)
+    shards = teacher.shards(config.teacher.sampling.shard_size)
     if not 0 <= shard < len(shards):
         raise ValueError(f"shard {shard} out of range: this config has {len(shards)} shards")
     engines = Engines()
     try:
-        return sample_shard_task(
-            shards[shard], config.teacher, config.agent, prompt,
-            model_identity(config.teacher.model, config.teacher.backend),
-            str(run_dir(config) / "shards"), engines,
-        )  # fmt: skip
+        job = SamplingJob.of(config, teacher.prompt)
+        teacher_id = model_identity(config.teacher.model, config.teacher.backend)
+        return sample_shard(shards[shard], job, teacher_id, str(run_dir(config) / "shards"), engines)
     finally:
         engines.close()
 
 
-@flow(name="train")
-def train_flow(config: RunConfig, pairs_parquet: str, out: str | None = None) -> dict[str, Any]:
+@flow(name="train", persist_result=True)
+def train_flow(config: RunConfig, pairs_parquet: str, out: str | None = None) -> TrainResult:
     """DPO (LoRA) of ``config.student`` on an existing pairs file."""
     student_id = model_identity(config.student.model, config.student.backend)
     out = out or str(run_dir(config) / "training")
-    return train(Path(pairs_parquet), config.student, student_id, out)
+    return train_student(Path(pairs_parquet), config.student, student_id, out)
 
 
-@flow(name="evaluate")
-def evaluate_flow(config: RunConfig, adapter: str | None = None, out: str | None = None) -> dict[str, Any]:
+@flow(name="evaluate", persist_result=True)
+def evaluate_flow(config: RunConfig, adapter: str | None = None, out: str | None = None) -> EvalResult:
     """The student (base, or base + ``adapter``) on the config's held-out problems."""
-    _, test = load_problems(config.problems)
+    split = load_problems(config.problems)
     engines = Engines()
     out = out or str(run_dir(config) / "eval" / ("after" if adapter else "before"))
     try:
-        result = evaluate_task(
-            test, config.student, config.agent, config.evaluation, config.pairs.require_stop,
-            model_identity(config.student.model, config.student.backend),
-            Path(adapter) if adapter else None, out, engines,
-        )  # fmt: skip
+        student_id = model_identity(config.student.model, config.student.backend)
+        adapter_dir = Path(adapter) if adapter else None
+        return evaluate_student(split.test, EvalJob.of(config), student_id, adapter_dir, out, engines)
     finally:
         engines.close()
-    return result.metrics
 
 
 if __name__ == "__main__":
     import argparse
+    import json
 
     from fcdpo.config import load_config
 
@@ -90,7 +86,7 @@ if __name__ == "__main__":
     if a.stage == "train":
         if not a.pairs:
             ap.error("train needs --pairs")
-        res = train_flow(cfg, a.pairs)
-        print(json.dumps({k: v for k, v in res.items() if k != "history"}))
+        trained = train_flow(cfg, a.pairs)
+        print(json.dumps({"adapter": str(trained.adapter_dir), "steps": trained.steps}))
     else:
-        print(json.dumps(evaluate_flow(cfg, a.adapter)))
+        print(json.dumps(evaluate_flow(cfg, a.adapter).metrics))

@@ -18,7 +18,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from fcdpo.config import ConfigError, ProblemsConfig, RunConfig, load_config
-from fcdpo.pipeline import problems_digest
 from flows.pipeline import pipeline
 from tasks.stages import load_problems
 from tasks.tracking import finished_runs_for_problems
@@ -59,12 +58,12 @@ def rerun_on_new_problem_sets(
     for path in files:
         cfg = config_for(base, path)
         try:
-            train, test = load_problems(cfg.problems)
+            split = load_problems(cfg.problems)
         except Exception as e:  # an invalid file: say which line, go on with the others
             log.error(f"{path}: {e}")
             report.append({"file": str(path), "status": "invalid", "error": str(e)})
             continue
-        digest = problems_digest(train, test)
+        digest = split.digest
         done = finished_runs_for_problems(cfg, tracking_uri, digest)
         if done:
             log.info(f"{path.name}: already processed (MLflow run {done[0]}); skipped")
@@ -93,7 +92,7 @@ def rerun_on_new_problem_sets(
                     "file": str(path),
                     "status": "ran",
                     "digest": digest,
-                    "mlflow_run": summary["mlflow"]["run_id"],
+                    "mlflow_run": summary.mlflow.run_id if summary.mlflow else None,
                 }
             )
     bad = [r for r in report if r["status"] in ("invalid", "failed")]

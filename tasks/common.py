@@ -11,9 +11,14 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import inspect
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from fcdpo.backends import Backend, Workload
+from prefect import get_run_logger
+
+from fcdpo.backends import Backend, EngineSpec, Workload
 from fcdpo.errors import DeterministicError
 from fcdpo.hashing import code_version, digest, identity
 
@@ -55,6 +60,21 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def missing_files(result: Any) -> bool:
+    """Whether a stage result names files that are no longer on disk (the run folder was deleted)."""
+    return any(not Path(p).exists() for p in result.files())
+
+
+def fresh(task: Any, *args: Any) -> Any:
+    """Run a cached task; if its cached result names files that no longer exist, run it again with the
+    cache refreshed instead of trusting the stale result."""
+    result = task(*args)
+    if not missing_files(result):
+        return result
+    get_run_logger().warning(f"{task.name}: cached outputs are missing on disk; recomputing")
+    return task.with_options(refresh_cache=True)(*args)
+
+
 class Engines:
     """Backends opened on first use and shared by every task in this process (the ``local`` executor:
     all shards sample through one vLLM engine). A run whose tasks all come from cache opens none."""
@@ -64,29 +84,18 @@ class Engines:
         self.started = 0  # engines started by this run (0 when every model call came from cache)
 
     def get(
-        self,
-        name: str,
-        model: str,
-        options: dict[str, Any],
-        problems: Any = None,
-        workload: Workload | None = None,
-        setting: str = "backend_options",
+        self, spec: EngineSpec, problems: Sequence[Any] = (), workload: Workload | None = None
     ) -> Backend:
-        """The open backend for (name, model, options), started on first use with memory for
-        ``workload``; ``setting`` is where the user changes ``options`` (named in errors)."""
-        from fcdpo.pipeline import make_backend
-
-        key = digest([name, model, options])
-        if key not in self._open:
-            self.close()  # one engine at a time: a CPU box or one GPU holds one model
-            self._open[key] = backend = make_backend(name, model, options, problems, workload, setting)
+        """The open backend for ``spec`` (its adapter selected), started on first use with memory for
+        ``workload``; one engine at a time (a CPU box or one GPU holds one model)."""
+        if spec.key not in self._open:
+            self.close()
+            self._open[spec.key] = backend = replace(spec, adapter=None).open(problems, workload)
             self.started += 1
             plan = getattr(backend, "memory", None)  # the vllm backend's memory plan: say what it got
             if plan is not None:
-                from prefect import get_run_logger
-
-                get_run_logger().info(f"{name} engine on {model}: {plan.describe()}")
-        return self._open[key]
+                get_run_logger().info(f"{spec.backend} engine on {spec.model}: {plan.describe()}")
+        return spec.select_adapter(self._open[spec.key])
 
     def close(self) -> None:
         for b in self._open.values():

@@ -14,7 +14,12 @@ from typing import Any
 
 from fcdpo.config import RunConfig
 from fcdpo.hashing import file_sha256
+from fcdpo.pairs import PairsResult
+from fcdpo.report import RunSummary, TrackingLocation
+from fcdpo.sampling import ChainsResult
 from fcdpo.secrets import redact
+from fcdpo.stages import Split
+from fcdpo.training import TrainResult
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -123,7 +128,26 @@ class Tracker:
         for run in [*self.children.values(), self.parent]:
             self.client.set_terminated(run, status)
 
-    def location(self) -> dict[str, str]:
+    def chains(self, chains: ChainsResult) -> None:
+        self.dataset("sampling", "chains", chains.path, context="training")
+        self.metrics("sampling", {"chains": chains.chains, "correct": chains.correct})
+
+    def pairs(self, pairs: PairsResult) -> None:
+        self.dataset("pairs", "pairs", pairs.parquet, context="training")
+        self.metrics("pairs", {"pairs": pairs.n_pairs, "prompts": pairs.n_prompts})
+
+    def adapter(self, trained: TrainResult) -> None:
+        self.artifacts("train-dpo", trained.adapter_dir, "adapter")
+
+    def report(self, summary: RunSummary, summary_json: Path) -> None:
+        """The evaluation metrics, the report folder and summary.json; then the runs are finished."""
+        for stage, metrics in summary.eval_metrics().items():
+            self.metrics(stage, metrics)
+        self.artifacts("report", Path(summary.out_dir) / "eval")
+        self.artifacts("report", summary_json)
+        self.finish()
+
+    def location(self) -> TrackingLocation:
         """Where the run is: tracking URI, experiment and run ids, and the UI address (or how to get one)."""
         path = f"#/experiments/{self.experiment_id}/runs/{self.parent}"
         if self.uri.startswith(("http://", "https://")):
@@ -131,13 +155,30 @@ class Tracker:
         else:
             url = f"http://127.0.0.1:5000/{path}"
             hint = f"mlflow ui --backend-store-uri {self.uri} --port 5000  (or fcdpo up)"
-        return {
-            "tracking_uri": self.uri,
-            "experiment_id": self.experiment_id,
-            "run_id": self.parent,
-            "url": url,
-            "serve_with": hint,
-        }
+        return TrackingLocation(
+            tracking_uri=self.uri,
+            experiment_id=self.experiment_id,
+            run_id=self.parent,
+            url=url,
+            serve_with=hint,
+        )
+
+
+def start_tracker(cfg: RunConfig, uri: str | None, split: Split) -> Tracker:
+    """The MLflow parent run of this Prefect flow run (tagged with its id, UI address and the problems'
+    digest), with the problem counts logged."""
+    from prefect.context import get_run_context
+    from prefect.settings import PREFECT_UI_URL
+
+    flow_run = get_run_context().flow_run
+    ui = PREFECT_UI_URL.value()  # empty for fcdpo run's temporary API: no UI outlives the run
+    tracker = Tracker(
+        cfg, uri, str(flow_run.id) if flow_run else None,
+        f"{ui}/runs/flow-run/{flow_run.id}" if ui and flow_run else None,
+        tags={"fcdpo.problem_set_digest": split.digest},
+    )  # fmt: skip
+    tracker.metrics("problems", {"train": len(split.train), "test": len(split.test)})
+    return tracker
 
 
 def finished_runs_for_problems(cfg: RunConfig, uri: str | None, problems_digest: str) -> list[str]:

@@ -194,3 +194,57 @@ def task_runs(flow_run_id):
             )
 
     return asyncio.run(read())
+
+
+# every valid `stages` value (fcdpo.config.STAGE_NEEDS): each must behave the same on every path
+STAGE_COMBINATIONS = [
+    ["sample"],
+    ["sample", "pairs"],
+    ["sample", "pairs", "train"],
+    ["sample", "pairs", "train", "evaluate"],
+    ["sample", "pairs", "evaluate"],
+    ["sample", "evaluate"],
+    ["evaluate"],
+]
+
+
+def run_outputs(run_dir):
+    """What a pipeline run left in its folder: the data files by content digest, the rest by presence."""
+    from fcdpo.hashing import file_sha256
+
+    out = {}
+    for rel in ("chains.jsonl", "pairs/pairs.parquet"):
+        if (run_dir / rel).is_file():
+            out[rel] = file_sha256(run_dir / rel)
+    present = {
+        "shards": any((run_dir / "shards").glob("shard-*.jsonl")),
+        "training/adapter": (run_dir / "training" / "adapter" / "adapter_model.safetensors").is_file(),
+        **{rel: (run_dir / rel).is_file() for rel in (
+            "eval/before/greedy.jsonl", "eval/after/greedy.jsonl", "eval/report.md", "eval/comparison.json",
+            "summary.json",
+        )},
+    }  # fmt: skip
+    return {**out, **{k: "present" for k, v in present.items() if v}}
+
+
+def expected_outputs(stages):
+    s, e = set(stages), {"summary.json"}
+    if "sample" in s:
+        e |= {"shards", "chains.jsonl"}
+    if "pairs" in s:
+        e.add("pairs/pairs.parquet")
+    if "train" in s:
+        e.add("training/adapter")
+    if "evaluate" in s:
+        e.add("eval/before/greedy.jsonl")
+    if {"train", "evaluate"} <= s:
+        e |= {"eval/after/greedy.jsonl", "eval/report.md", "eval/comparison.json"}
+    return e
+
+
+def summary_results(summary):
+    """A run summary without what differs between two runs of the same config (times, ids, paths)."""
+    return summary.model_dump(
+        include={"stages", "train_problems", "test_problems", "chains", "per_task", "pairs", "prompts_with_pairs",
+                 "before", "after", "comparison"}
+    ) | {"training_steps": summary.training.steps if summary.training else None}  # fmt: skip

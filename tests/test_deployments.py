@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_run_config
+from conftest import STAGE_COMBINATIONS, expected_outputs, run_outputs, summary_results, tiny_run_config
 
 pytest.importorskip("prefect")
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,10 +141,10 @@ def test_prefect_yaml_defaults_to_the_default_config_and_types_its_form(servers)
 
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
     by_name = {d["name"]: d for d in spec["deployments"]}
-    assert by_name["pipeline"]["parameters"]["config"] == yaml.safe_load(
-        (ROOT / "configs" / "default.yaml").read_text()
-    )
+    # prefect.yaml names the default config; `fcdpo deploy` filled the deployment's parameter from it
+    assert by_name["pipeline"]["parameters"]["config"] == "configs/default.yaml"
     dep = _api(servers, lambda c: c.read_deployment_by_name("pipeline/pipeline"))
+    assert dep.parameters["config"] == yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     schema = dep.parameter_openapi_schema
     run_config = schema["definitions"]["RunConfig"]
     assert {"problems", "teacher", "student", "pairs", "evaluation"} <= set(run_config["properties"])
@@ -185,6 +185,48 @@ def test_pipeline_deployment_tracks_lineage_and_second_trigger_is_cached(servers
     assert again.state.type.value == "COMPLETED", again.state.message
     states = {t.state_name for t in task_runs(servers, str(again.id))}
     assert states == {"Cached"}, states
+
+
+@pytest.mark.parametrize("stages", STAGE_COMBINATIONS, ids="+".join)
+def test_every_stages_value_gives_the_same_outputs_in_process_and_through_the_deployment(
+    servers, tmp_path, tiny_model, stages
+):
+    """The pipeline flow called in process (what `fcdpo run` does) and the pipeline deployment triggered
+    through the API write the same outputs for each `stages` value: the files the stages promise, the same
+    chains and pairs (by content digest), and the same summary numbers."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from fcdpo.report import RunSummary
+    from flows.pipeline import pipeline
+
+    runs = {}
+    for path in ("in-process", "deployment"):
+        cfg = tiny_run_config(
+            tmp_path / path,
+            tiny_model,
+            stages=stages,
+            name="combo",
+            **{"tracking.uri": servers["mlflow_url"]},
+        )
+        if path == "in-process":
+            with temporary_settings({PREFECT_API_URL: servers["prefect_api_url"]}):
+                state = pipeline(cfg, return_state=True)
+            assert state.is_completed(), state.message
+        else:
+            run = wait(
+                servers, trigger(servers, "pipeline/pipeline", {"config": cfg.model_dump(mode="json")})
+            )
+            assert run.state.type.value == "COMPLETED", run.state.message
+        run_dir = tmp_path / path / "runs" / "combo"
+        summary = RunSummary.model_validate_json((run_dir / "summary.json").read_text())
+        runs[path] = (run_outputs(run_dir), summary_results(summary))
+    outputs, results = runs["in-process"]
+    assert set(outputs) == expected_outputs(stages)
+    assert runs["deployment"] == runs["in-process"]
+    assert (results["chains"] > 0) == ("sample" in stages) and (results["pairs"] > 0) == ("pairs" in stages)
+    assert (results["training_steps"] == 2) == ("train" in stages)
+    assert (results["before"] is not None) == ("evaluate" in stages)
+    assert (results["comparison"] is not None) == ({"train", "evaluate"} <= set(stages))
 
 
 def _pids_of_flow_run(flow_run_id: str) -> list[int]:

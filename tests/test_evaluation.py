@@ -18,10 +18,10 @@ from fcdpo.evaluation import (
     bootstrap_ci,
     compare,
     evaluate,
-    format_table,
     mcnemar_p,
     pass_at_k,
 )
+from fcdpo.report import format_table
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -94,7 +94,7 @@ def test_evaluate_cli_on_an_arbitrary_jsonl_file(tmp_path, problems):
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps(p.model_dump()) + "\n" for p in problems[:6]))
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.evaluate", "--model", "oracle", "--backend", "oracle", "--problems", str(f),
+        [sys.executable, "-m", "fcdpo.cli.evaluate", "--model", "oracle", "--backend", "oracle", "--problems", str(f),
          "--out", str(tmp_path / "ev"), "--k", "2", "--max-steps", "64"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -108,7 +108,7 @@ def test_evaluate_cli_names_the_bad_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text('{"id": "a", "question": "q", "answer": "1", "toolset": "arithmetic"}\n{"id": "b"}\n')
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.evaluate", "--problems", str(f), "--out", str(tmp_path / "ev")],
+        [sys.executable, "-m", "fcdpo.cli.evaluate", "--problems", str(f), "--out", str(tmp_path / "ev")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 2 and f"{f}:2" in out.stderr and not (tmp_path / "ev").exists()

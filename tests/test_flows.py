@@ -26,21 +26,17 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     state = pipeline(cfg, uri, return_state=True)
     assert state.is_completed(), state
     summary = state.result()
-    assert summary["pairs"] > 0 and summary["training"]["steps"] == 2
-    assert set(summary["comparison"]) == {"fol", "arith", "all"}
-    assert set(summary["per_task"]) == {"fol", "arith"}
-    assert sum(t["chains"] for t in summary["per_task"].values()) == summary["chains"]
-    assert sum(t["pairs"] for t in summary["per_task"].values()) == summary["pairs"]
-    assert {"problems", "sampling", "labelling", "pairs", "eval_before", "training", "eval_after"} == set(
-        summary["seconds"]
-    )
-    assert "| arith |" in summary["table"] and "stage seconds: problems" in summary["table"]
+    assert summary.pairs > 0 and summary.training.steps == 2
+    assert set(summary.comparison) == {"fol", "arith", "all"}
+    assert set(summary.per_task) == {"fol", "arith"}
+    assert sum(t.chains for t in summary.per_task.values()) == summary.chains
+    assert sum(t.pairs for t in summary.per_task.values()) == summary.pairs
+    assert {"problems", "sampling", "pairs", "eval_before", "training", "eval_after"} == set(summary.seconds)
+    assert "| arith |" in summary.table and "stage seconds: problems" in summary.table
 
     client = MlflowClient(uri)
-    parent = client.get_run(summary["mlflow"]["run_id"])
-    assert (
-        summary["mlflow"]["tracking_uri"] == uri and summary["mlflow"]["run_id"] in summary["mlflow"]["url"]
-    )
+    parent = client.get_run(summary.mlflow.run_id)
+    assert summary.mlflow.tracking_uri == uri and summary.mlflow.run_id in summary.mlflow.url
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert len(parent.data.tags["fcdpo.problem_set_digest"]) == 32
     assert parent.data.params["pairs.max_pairs_per_prompt"] == "2"
@@ -59,15 +55,15 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     assert again.is_completed()
     states = _task_states(again.state_details.flow_run_id)
     assert states and {s for _, s in states} == {"Cached"}, states
-    assert again.result()["comparison"] == summary["comparison"]
+    assert again.result().comparison == summary.comparison
 
     # one changed input (the pair cap) re-runs pairs and everything downstream, not sampling
     changed = pipeline(
         tiny_run_config(tmp_path, tiny_model, **{"pairs.max_pairs_per_prompt": 1}), uri, return_state=True
     )
     by_task = dict(_task_states(changed.state_details.flow_run_id))
-    assert by_task["sample-shard"] == "Cached" and by_task["label"] == "Cached"
-    assert by_task["build-pairs"] == "Completed" and by_task["train-dpo"] == "Completed"
+    assert by_task["sample-shard"] == "Cached" and by_task["gather-chains"] == "Cached"
+    assert by_task["build-pairs"] == "Completed" and by_task["train-student"] == "Completed"
 
 
 def test_deleted_run_folder_is_recomputed_not_trusted(harness, tmp_path, tiny_model):
@@ -86,10 +82,10 @@ def test_deleted_run_folder_is_recomputed_not_trusted(harness, tmp_path, tiny_mo
     state = pipeline(cfg, uri, return_state=True)
     assert state.is_completed(), state
     states = _task_states(state.state_details.flow_run_id)
-    assert {("sample-shard", "Completed"), ("label", "Completed")} <= states, states
+    assert {("sample-shard", "Completed"), ("gather-chains", "Completed")} <= states, states
     assert (run_dir / "chains.jsonl").read_text() == chains  # same seeds: the same chains again
     assert (run_dir / "pairs" / "pairs.parquet").is_file()
-    assert state.result()["pairs"] == first["pairs"]
+    assert state.result().pairs == first.pairs
 
 
 def test_single_stage_flows_retrain_from_pairs_and_evaluate_an_adapter(harness, tmp_path, tiny_model):
@@ -101,8 +97,8 @@ def test_single_stage_flows_retrain_from_pairs_and_evaluate_an_adapter(harness, 
     pr, _ = oracle_pairs(tmp_path / "pairs")
     cfg = tiny_run_config(tmp_path, tiny_model)
     trained = train_flow(cfg, str(pr.parquet), str(tmp_path / "t"))
-    assert trained["steps"] == 2 and (tmp_path / "t" / "adapter" / "fcdpo_manifest.json").is_file()
-    metrics = evaluate_flow(cfg, trained["adapter"], str(tmp_path / "ev"))
+    assert trained.steps == 2 and (tmp_path / "t" / "adapter" / "fcdpo_manifest.json").is_file()
+    metrics = evaluate_flow(cfg, str(trained.adapter_dir), str(tmp_path / "ev")).metrics
     assert metrics["all"]["n"] > 0 and metrics["all"]["accuracy"] == 1.0
     assert (tmp_path / "ev" / "greedy.jsonl").is_file()
 

@@ -232,5 +232,5 @@ def test_a_canary_token_in_the_teacher_url_appears_nowhere(
                 assert secret.encode() not in f.read_bytes(), f
     from mlflow import MlflowClient
 
-    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state.result()["mlflow"]["run_id"])
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state.result().mlflow.run_id)
     assert run.data.params["teacher.backend_options.base_url"] == f"http://***@127.0.0.1:{port}/v1"

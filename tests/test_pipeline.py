@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,45 +24,6 @@ def test_domain_library_has_no_orchestration_or_tracking_imports():
     assert offenders == []
 
 
-def test_cli_runs_the_pipeline_end_to_end_with_the_oracle_teacher(tmp_path):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        f"""
-name: tiny
-out_dir: {tmp_path / "runs"}
-problems:
-  sources:
-    - {{source: fol, params: {{n: 16, seed: 3, difficulty: easy}}}}
-    - {{source: arith, params: {{n: 16, seed: 3}}}}
-  test_fraction: 0.25
-teacher:
-  backend: oracle
-  backend_options: {{error_rate: 0.3}}
-  n_demonstrations: 1
-  sampling: {{samples_per_problem: 6}}
-pairs: {{max_pairs_per_prompt: 2}}
-stages: [sample, pairs]
-"""
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--plain", "--config", str(cfg), "--summary-json", str(tmp_path / "s.json")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    s = json.loads((tmp_path / "s.json").read_text())
-    run_dir = tmp_path / "runs" / "tiny"
-    assert s["train_problems"] + s["test_problems"] == 32
-    assert (
-        s["chains"] == (s["train_problems"] - 2) * 6
-    )  # one demonstration problem per toolset is held out of sampling
-    assert set(s["per_task"]) == {"fol", "arith"}
-    assert 0 < s["pairs"] <= 2 * s["prompts_with_pairs"]
-    chains = [json.loads(x) for x in (run_dir / "chains.jsonl").read_text().splitlines()]
-    assert len(chains) == s["chains"] and all(c["verdict"] for c in chains)
-    assert (run_dir / "pairs" / "pairs.parquet").is_file()
-    assert "arith" in out.stdout and "stage seconds" in out.stdout
-
-
 def test_cli_reports_config_errors_without_output(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(f"name: x\nout_dir: {tmp_path / 'runs'}\nproblems:\n  sources: [{{source: nope}}]\n")
@@ -74,15 +37,19 @@ def test_cli_reports_config_errors_without_output(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_plain_pipeline_runs_every_stage(tmp_path, tiny_model):
-    """All stages without Prefect: oracle teacher, tiny student trained 2 steps, evaluated through the
-    oracle backend (it replays gold solutions, so 'after' is exact), report and plots written."""
+def test_library_stages_run_in_a_notebook_without_prefect(tmp_path, tiny_model):
+    """The code in fcdpo/stages.py's docstring, run as written (only the config swapped for a tiny one):
+    the stage functions in the flow's order without Prefect or MLflow. Oracle teacher, tiny student
+    trained 2 steps, evaluated through the oracle backend (it replays gold solutions: 'after' is exact)."""
+    import textwrap
+
+    from fcdpo import stages
     from fcdpo.config import RunConfig
-    from fcdpo.pipeline import run
+    from fcdpo.report import RunSummary, write_report
 
     cfg = RunConfig.model_validate(
         {
-            "name": "all-stages",
+            "name": "notebook",
             "out_dir": str(tmp_path / "runs"),
             "problems": {"sources": [{"source": "arith", "params": {"n": 12, "seed": 2, "steps": 1}}], "test_fraction": 0.3},
             "teacher": {"backend": "oracle", "backend_options": {"error_rate": 0.4}, "n_demonstrations": 1,
@@ -91,39 +58,52 @@ def test_plain_pipeline_runs_every_stage(tmp_path, tiny_model):
             "evaluation": {"k": 2, "bootstrap": 200},
         }
     )  # fmt: skip
-    result = run(cfg)
-    assert result.pairs.n_pairs > 0 and result.training.manifest["global_step"] == 2
-    assert (
-        result.comparison["all"]["n"] == len(result.test) and result.after.metrics["all"]["accuracy"] == 1.0
+    code = textwrap.dedent(stages.__doc__.split("::\n", 1)[1])
+    assert code.count('cfg = load_config("configs/default.yaml")') == 1
+    ns = {"CFG": cfg}
+    exec(code.replace('cfg = load_config("configs/default.yaml")', "cfg = CFG"), ns)
+    chains, pairs, trained, result, comparison = (
+        ns[k] for k in ("chains", "pairs", "trained", "result", "comparison")
     )
-    ev = tmp_path / "runs" / "all-stages" / "eval"
+    split, out = ns["split"], stages.run_dir(cfg)
+    assert chains.chains == len(ns["teacher"].to_sample) * 4 == sum(r.total for r in ns["sampled"])
+    assert pairs.n_pairs > 0 and trained.steps == 2
+    assert comparison["all"]["n"] == len(split.test) and result["after"].metrics["all"]["accuracy"] == 1.0
+    write_report(out / "eval", result["before"], result["after"], comparison, trained.history)
     for f in ("report.md", "comparison.json", "accuracy.png", "training_curves.png", "pass_at_k.png"):
-        assert (ev / f).is_file(), f
-    s = json.loads((tmp_path / "runs" / "all-stages" / "summary.json").read_text())
-    assert s["comparison"]["all"]["after"] == 1.0 and set(s["seconds"]) >= {
-        "sampling",
-        "training",
-        "eval_after",
-    }
+        assert (out / "eval" / f).is_file(), f
+    summary = RunSummary.build(
+        cfg.name, out, cfg.stages, (len(split.train), len(split.test)), chains, pairs, trained,
+        result["before"], result["after"], comparison,
+    )  # fmt: skip
+    assert (
+        summary.per_task["arith"].chains == chains.chains and summary.per_task["arith"].pairs == pairs.n_pairs
+    )
+    assert summary.training.steps == 2 and "| arith |" in summary.table
 
 
 def test_results_table_rows_from_a_summary():
-    from fcdpo.pipeline import format_results
+    from fcdpo.report import RunSummary
 
     m = lambda a, lo, hi, f, n=10: {"accuracy": a, "ci": [lo, hi], "format_error_rate": f, "n": n}  # noqa: E731
-    summary = {
-        "per_task": {"arith": {"chains": 40, "correct": 9, "pairs": 7}},
-        "chains": 40,
-        "pairs": 7,
-        "before": {"arith": m(0.0, 0.0, 0.0, 1.0), "all": m(0.0, 0.0, 0.0, 1.0)},
-        "after": {"arith": m(0.3, 0.1, 0.6, 0.0), "all": m(0.3, 0.1, 0.6, 0.0)},
-        "comparison": {
+    summary = RunSummary(
+        name="t",
+        out_dir="runs/t",
+        stages=["sample", "pairs", "train", "evaluate"],
+        train_problems=30,
+        test_problems=10,
+        per_task={"arith": {"chains": 40, "correct": 9, "verdicts": {"correct": 9}, "pairs": 7}},
+        chains=40,
+        pairs=7,
+        before={"arith": m(0.0, 0.0, 0.0, 1.0), "all": m(0.0, 0.0, 0.0, 1.0)},
+        after={"arith": m(0.3, 0.1, 0.6, 0.0), "all": m(0.3, 0.1, 0.6, 0.0)},
+        comparison={
             t: {"n": 10, "difference": 0.3, "difference_ci": [0.1, 0.6], "mcnemar_p": 0.03125}
             for t in ("arith", "all")
         },
-        "seconds": {"sampling": 12.34, "training": 5.0},
-    }
-    lines = format_results(summary).splitlines()
+        seconds={"sampling": 12.34, "training": 5.0},
+    )
+    lines = summary.table.splitlines()
     assert lines[2] == (
         "| arith | 10 | 0.0% (0.0%-0.0%) | 30.0% (10.0%-60.0%) | +30.0% (+10.0%, +60.0%) | 0.031 "
         "| 100% -> 0% | 40 (9) | 7 |"
@@ -131,5 +111,23 @@ def test_results_table_rows_from_a_summary():
     assert lines[3].startswith("| all | 10 |") and lines[3].endswith("| 40 (9) | 7 |")
     assert lines[-1] == "stage seconds: sampling 12.3, training 5.0"
     # before only (no training yet): no comparison cells
-    only = format_results({**summary, "after": None, "comparison": None}).splitlines()
+    only = summary.model_copy(update={"after": None, "comparison": None}).table.splitlines()
     assert only[2] == "| arith | 10 | 0.0% (0.0%-0.0%) | - | - | - | 100% | 40 (9) | 7 |"
+    # sampled only: counts, no accuracy
+    counts = summary.model_copy(update={"before": None, "after": None, "comparison": None}).table.splitlines()
+    assert counts[2] == "| arith | - | - | - | - | - | - | 40 (9) | 7 |" and counts[3].startswith(
+        "| all | - |"
+    )
+    assert json.loads(summary.model_dump_json())["table"] == summary.table
+
+
+def test_stages_need_their_inputs():
+    from fcdpo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"stages: stage 'train' needs 'pairs'"):
+        load_config(ROOT / "configs" / "default.yaml", ["stages=[sample, train]"])
+    with pytest.raises(
+        ConfigError, match=r"pairs: require_stop moved to the labelling section: labelling.require_stop"
+    ):
+        load_config(ROOT / "configs" / "default.yaml", ["pairs.require_stop=false"])
+    assert load_config(ROOT / "configs" / "default.yaml", ["stages=[evaluate]"]).stages == ["evaluate"]

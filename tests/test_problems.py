@@ -214,7 +214,7 @@ def test_digest_tracks_content():
 
 def test_cli_prints_200_verified_fol_problems():
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.problems", "--source", "fol", "--n", "200", "--seed", "1"],
+        [sys.executable, "-m", "fcdpo.cli.problems", "--source", "fol", "--n", "200", "--seed", "1"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     rows = [json.loads(x) for x in out.stdout.splitlines()]
@@ -227,13 +227,13 @@ def test_cli_prints_200_verified_fol_problems():
 def test_cli_loads_a_local_gsm8k_file_and_reports_errors(tmp_path):
     f = _gsm8k_file(tmp_path, GSM_ROWS)
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.problems", "--source", "gsm8k", "--path", str(f), "--format", "text"],
+        [sys.executable, "-m", "fcdpo.cli.problems", "--source", "gsm8k", "--path", str(f), "--format", "text"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "[gsm8k-train-00001] (gsm8k)" in out.stdout and "Answer: 1200" in out.stdout
     bad = _gsm8k_file(tmp_path, [{"question": "q", "answer": "x"}])
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.problems", "--source", "gsm8k", "--path", str(bad)],
+        [sys.executable, "-m", "fcdpo.cli.problems", "--source", "gsm8k", "--path", str(bad)],
         capture_output=True,
         text=True,
     )
@@ -272,10 +272,10 @@ def test_hostile_problem_files_fail_with_file_line_field_and_print_nothing(tmp_p
         load_source("jsonl", path=str(f))
     assert e.value.line == 3 and e.value.field == field and message in str(e.value)
     assert str(e.value).startswith(f"{f}:3: ")
-    from fcdpo.problems.__main__ import main
+    from fcdpo.cli.problems import main
 
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.problems", "--source", "jsonl", "--path", str(f)],
+        [sys.executable, "-m", "fcdpo.cli.problems", "--source", "jsonl", "--path", str(f)],
         capture_output=True, text=True,
     )  # fmt: skip
     assert main is not None and out.returncode == 2 and out.stdout == ""

@@ -16,6 +16,7 @@ import fcdpo.sampling as sampling_mod
 from fcdpo.agent import Agent, AgentLimits, Demonstration, PromptSpec
 from fcdpo.backends import SamplingParams
 from fcdpo.backends.oracle import OracleBackend
+from fcdpo.labelling import AutoLabeller
 from fcdpo.problems import load_source
 from fcdpo.records import read_jsonl
 from fcdpo.sampling import recover, sample_shard, shard_spec, split_shards
@@ -48,6 +49,7 @@ def test_shard_identity_covers_every_input(problems, monkeypatch):
         shard_spec(Agent(), be, problems, 4, SamplingParams(temperature=0.9), 0),
         shard_spec(Agent(limits=AgentLimits(max_steps=3)), be, problems, 4, sp, 0),
         shard_spec(Agent(), be, problems, 4, sp, 1),
+        shard_spec(Agent(), be, problems, 4, sp, 0, AutoLabeller(require_stop=False)),
     ]
     monkeypatch.setattr(sampling_mod, "code_version", lambda: "0.0.0+other")
     variants.append(shard_spec(Agent(), be, problems, 4, sp, 0))
@@ -98,7 +100,7 @@ def _lines(out):
 
 def _cmd(out):
     return [
-        sys.executable, "-m", "fcdpo.sample", "--problems", "arith", "--n-problems", "10", "--samples", "6",
+        sys.executable, "-m", "fcdpo.cli.sample", "--problems", "arith", "--n-problems", "10", "--samples", "6",
         "--out", str(out), "--backend", "oracle", "--backend-option", "delay_s=0.08",
         "--backend-option", "error_rate=0.3", "--shard-size", "4", "--no-progress", "--demos", "1",
     ]  # fmt: skip

@@ -241,7 +241,7 @@ def test_default_model_trains_resumes_after_a_kill_and_evaluates_through_vllm(tm
     f = tmp_path / "held_out.jsonl"
     f.write_text("".join(json.dumps(p.model_dump()) + "\n" for p in problems))
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.evaluate", "--adapter", str(adapter), "--problems", str(f),
+        [sys.executable, "-m", "fcdpo.cli.evaluate", "--adapter", str(adapter), "--problems", str(f),
          "--out", str(tmp_path / "ev"), "--k", "0", "--max-steps", "4"],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )  # fmt: skip

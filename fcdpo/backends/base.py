@@ -1,6 +1,6 @@
 """The ``Backend`` interface: a batch of prompts in, one generation per prompt out.
 
-Backends are registered by name (``BACKENDS``). A backend with ``chat = True`` takes chat messages
+Backends are registered by name in ``fcdpo.backends.BACKENDS``. A backend with ``chat = True`` takes chat messages
 (``list[dict]``) and applies the model's chat template itself; otherwise it takes plain text prompts.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-from fcdpo.registry import Registry
 
 Prompt = str | list[dict[str, str]]
 
@@ -60,10 +58,6 @@ class Backend(ABC):
         self.close()
 
 
-BACKENDS: Registry[Callable[..., Backend]] = Registry("backend")
-
-
-@BACKENDS.register("callable")
 class CallableBackend(Backend):
     """Wraps a Python function ``fn(prompt, params) -> str``: scripted policies, oracles, notebooks."""
 

@@ -22,7 +22,8 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
@@ -57,30 +58,55 @@ def _dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES.get(dtype, 2)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine options fcdpo plans memory with; every other backend option goes to ``vllm.LLM`` as
+    given. ``kv_cache_gib``: the KV cache in GiB (default on CPU: sized by the workload, see fcdpo.memory;
+    on GPUs: vLLM's ``gpu_memory_utilization`` fraction)."""
+
+    max_model_len: int = 4096
+    gpu_memory_utilization: float | None = None
+    kv_cache_gib: float | None = None
+    max_num_seqs: int | None = None
+    tensor_parallel_size: int = 1
+    dtype: str | None = None
+
+    @classmethod
+    def split(cls, options: Mapping[str, Any]) -> tuple[EngineOptions, dict[str, Any]]:
+        """(the planned options, the rest) of a backend's options."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names}), {
+            k: v for k, v in options.items() if k not in names
+        }
+
+    @property
+    def utilization(self) -> float:
+        return self.gpu_memory_utilization or default_utilization(on_gpu())
+
+    @property
+    def resolved_dtype(self) -> str:
+        return self.dtype or _default_dtype(on_gpu())
+
+
 def engine_plan(
     model: str = DEFAULT_MODEL,
-    *,
-    max_model_len: int = 4096,
-    gpu_memory_utilization: float | None = None,
-    kv_cache_gib: float | None = None,
-    max_num_seqs: int | None = None,
-    tensor_parallel_size: int = 1,
-    dtype: str | None = None,
+    options: Mapping[str, Any] | None = None,
     workload: Workload | None = None,
     setting: str = "backend_options",
     check: bool = True,
-    **_engine_kwargs: Any,
 ) -> EnginePlan:
-    """The memory plan of an engine built with these options (what :class:`VLLMBackend` and
+    """The memory plan of an engine built with these backend options (what :class:`VLLMBackend` and
     :func:`server_command` use, and what ``fcdpo doctor`` prints); ``check`` raises
     :class:`fcdpo.errors.NotEnoughMemory` when it does not fit."""
-    gpu = on_gpu()
-    seqs = max_num_seqs or min(workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS)
+    o, _ = EngineOptions.split(options or {})
+    seqs = o.max_num_seqs or min(
+        workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS
+    )
     plan = plan_engine(
-        resolve_model(model).path, _dtype_bytes(dtype or _default_dtype(gpu)), max_model_len, seqs,
-        workload.tokens_per_sequence if workload else None, kv_cache_gib,
-        gpu=gpu, gpu_memory_utilization=gpu_memory_utilization or default_utilization(gpu),
-        tensor_parallel_size=tensor_parallel_size, setting=setting,
+        resolve_model(model).path, _dtype_bytes(o.resolved_dtype), o.max_model_len, seqs,
+        workload.tokens_per_sequence if workload else None, o.kv_cache_gib,
+        gpu=on_gpu(), gpu_memory_utilization=o.utilization,
+        tensor_parallel_size=o.tensor_parallel_size, setting=setting,
     )  # fmt: skip
     return plan.check() if check else plan
 
@@ -90,46 +116,33 @@ def _default_dtype(gpu: bool) -> str:
 
 
 class VLLMBackend(Backend):
-    """``kv_cache_gib``: the KV cache in GiB (default on CPU: sized by ``workload``, see fcdpo.memory; on
-    GPUs: vLLM's ``gpu_memory_utilization`` fraction). ``workload``: the sequences the caller keeps in
-    flight and the tokens each can reach. ``setting``: where a user changes these options (named in
-    errors, e.g. ``teacher.backend_options``)."""
+    """``options``: :class:`EngineOptions` fields, ``enforce_eager`` (default: on CPU), ``enable_lora``,
+    ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword. ``workload``: the sequences the caller
+    keeps in flight and the tokens each can reach. ``setting``: where a user changes these options (named
+    in errors, e.g. ``teacher.backend_options``)."""
 
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
         *,
-        max_model_len: int = 4096,
-        gpu_memory_utilization: float | None = None,
-        kv_cache_gib: float | None = None,
-        max_num_seqs: int | None = None,
-        tensor_parallel_size: int = 1,
-        enforce_eager: bool | None = None,
-        dtype: str | None = None,
-        enable_lora: bool = False,
-        max_lora_rank: int = 16,
-        seed: int = 0,
         workload: Workload | None = None,
         setting: str = "backend_options",
-        **engine_kwargs: Any,
+        **options: Any,
     ):
         resolved = resolve_model(model)
         gpu = on_gpu()
-        dtype = dtype or _default_dtype(gpu)
-        utilization = gpu_memory_utilization or default_utilization(gpu)
-        self.memory = engine_plan(
-            model, max_model_len=max_model_len, gpu_memory_utilization=utilization, kv_cache_gib=kv_cache_gib,
-            max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-            workload=workload, setting=setting,
-        )  # fmt: skip
+        o, engine_kwargs = EngineOptions.split(options)
+        self.memory = engine_plan(model, options, workload, setting)
         log.info("vLLM %s: %s", resolved.name, self.memory.describe())
-        if not gpu or kv_cache_gib is not None:
+        if not gpu or o.kv_cache_gib is not None:
             engine_kwargs["kv_cache_memory_bytes"] = self.memory.kv
         engine_kwargs["max_num_seqs"] = self.memory.sequences
+        engine_kwargs.setdefault("enforce_eager", not gpu)
+        engine_kwargs.setdefault("seed", 0)
         if not gpu:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             engine_kwargs.setdefault("enable_chunked_prefill", False)
-            engine_kwargs.setdefault("max_num_batched_tokens", max(8192, max_model_len))
+            engine_kwargs.setdefault("max_num_batched_tokens", max(8192, o.max_model_len))
             # the CPU default KV block is 128 tokens, so each step re-prefilled up to 127 uncached tokens per
             # chain; 32 (the CPU backend's preferred multiple) raised agent tokens/s 45 -> 57 in bench/sampling.py
             engine_kwargs.setdefault("block_size", 32)
@@ -138,20 +151,16 @@ class VLLMBackend(Backend):
         self.resolved = resolved
         self.model_id = resolved.model_id
         self.chat = resolved.has_chat_template
-        self.max_model_len = max_model_len
+        self.max_model_len = o.max_model_len
         self.lora_request = None
         try:
             self.llm = LLM(
                 model=str(resolved.path),
                 enable_prefix_caching=True,
-                max_model_len=max_model_len,
-                gpu_memory_utilization=utilization,
-                tensor_parallel_size=tensor_parallel_size,
-                enforce_eager=enforce_eager if enforce_eager is not None else not gpu,
-                dtype=dtype,
-                enable_lora=enable_lora,
-                max_lora_rank=max_lora_rank,
-                seed=seed,
+                max_model_len=o.max_model_len,
+                gpu_memory_utilization=o.utilization,
+                tensor_parallel_size=o.tensor_parallel_size,
+                dtype=o.resolved_dtype,
                 **engine_kwargs,
             )
         except Exception as e:  # a setting vLLM rejects, or its own start-up check: retrying cannot help
@@ -229,38 +238,31 @@ def server_command(
     host: str = "127.0.0.1",
     port: int = 8000,
     served_model_name: str | None = None,
-    max_model_len: int = 4096,
-    gpu_memory_utilization: float | None = None,
-    kv_cache_gib: float | None = None,
-    max_num_seqs: int | None = None,
     workload: Workload | None = None,
     extra: Sequence[str] = (),
+    **options: Any,
 ) -> tuple[list[str], dict[str, str]]:
     """(argv, env) for an OpenAI-compatible vLLM server on ``model``, with the same CPU defaults and the
-    same memory plan as the in-process backend (checked here: a server that cannot fit is refused before
-    it starts). ``vllm serve`` fails under vllm-cpu (it looks up a distribution named ``vllm``), so this
-    uses ``python -m vllm.entrypoints.openai.api_server``."""
+    same memory plan as the in-process backend (``options``: :class:`EngineOptions` fields; checked here: a
+    server that cannot fit is refused before it starts). ``vllm serve`` fails under vllm-cpu (it looks up a
+    distribution named ``vllm``), so this uses ``python -m vllm.entrypoints.openai.api_server``."""
     import sys
 
     resolved = resolve_model(model)
     gpu = on_gpu()
-    dtype = _default_dtype(gpu)
-    utilization = gpu_memory_utilization or default_utilization(gpu)
-    plan = engine_plan(
-        model, max_model_len=max_model_len, gpu_memory_utilization=utilization, kv_cache_gib=kv_cache_gib,
-        max_num_seqs=max_num_seqs, workload=workload, setting="server_command()",
-    )  # fmt: skip
+    o, _ = EngineOptions.split(options)
+    plan = engine_plan(model, options, workload, "server_command()")
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
         "--host", host, "--port", str(port), "--served-model-name", served_model_name or resolved.name,
-        "--max-model-len", str(max_model_len), "--enable-prefix-caching",
-        "--gpu-memory-utilization", str(utilization), "--max-num-seqs", str(plan.sequences),
+        "--max-model-len", str(o.max_model_len), "--enable-prefix-caching",
+        "--gpu-memory-utilization", str(o.utilization), "--max-num-seqs", str(plan.sequences),
     ]  # fmt: skip
-    if not gpu or kv_cache_gib is not None:
+    if not gpu or o.kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(plan.kv)]
     env = dict(os.environ)
     if not gpu:
-        argv += ["--enforce-eager", "--dtype", dtype, "--no-enable-chunked-prefill"]
-        argv += ["--max-num-batched-tokens", str(max(8192, max_model_len)), "--block-size", "32"]
+        argv += ["--enforce-eager", "--dtype", o.resolved_dtype, "--no-enable-chunked-prefill"]
+        argv += ["--max-num-batched-tokens", str(max(8192, o.max_model_len)), "--block-size", "32"]
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return argv + list(extra), env

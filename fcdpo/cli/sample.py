@@ -1,7 +1,7 @@
 """Sample chains from the command line, sharded and resumable.
 
-    python -m fcdpo.sample --problems fol --n-problems 8 --samples 16 --out DIR
-    python -m fcdpo.sample --problems gsm8k --path train.jsonl --n-problems 100 --samples 1000 --out DIR \\
+    fcdpo sample --problems fol --n-problems 8 --samples 16 --out DIR
+    fcdpo sample --problems gsm8k --path train.jsonl --n-problems 100 --samples 1000 --out DIR \\
         --backend openai --backend-option base_url=http://gpu-box:8000/v1 --model meta-llama/Meta-Llama-3-70B-Instruct
 
 Re-running the same command resumes: finished (problem, sample) keys are skipped. The last line printed is
@@ -18,15 +18,15 @@ import time
 import yaml
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
-from fcdpo.backends import SamplingParams
+from fcdpo.backends import EngineRequest, SamplingParams, make_backend
 from fcdpo.demos import with_demonstrations
 from fcdpo.models import DEFAULT_MODEL
 from fcdpo.problems import PROBLEM_SOURCES, ProblemFileError, load_source
-from fcdpo.sampling import sample_problems
+from fcdpo.sampling import sample_shard, split_shards
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fcdpo.sample", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="fcdpo sample", description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", required=True, choices=PROBLEM_SOURCES.names(), help="problem source")
     ap.add_argument("--path", help="problem file (gsm8k, jsonl)")
     ap.add_argument("--n-problems", type=int, default=8)
@@ -67,34 +67,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from fcdpo.pipeline import make_backend
-
     limits = AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries)
     prompt, rest = with_demonstrations(
         PromptSpec(), problems, args.demos, limits.model_copy(update={"max_steps": 64})
     )
-    rest = rest.head(args.n_problems)
+    shards = split_shards(rest.head(args.n_problems), args.shard_size)
     t0 = time.perf_counter()
-    shard = rest.head(args.shard_size)
-    workload = Agent(prompt, limits).workload(list(shard), args.samples, args.max_tokens)
-    with make_backend(args.backend, args.model, options, problems, workload, "--backend-option") as backend:
+    workload = Agent(prompt, limits).workload(
+        list(shards[0]) if shards else [], args.samples, args.max_tokens
+    )
+    request = EngineRequest(problems, workload, "--backend-option")
+    with make_backend(args.backend, args.model, options, request) as backend:
         agent = Agent(prompt, limits, model_id=backend.model_id, chat=backend.chat)
         sp = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-        results = sample_problems(
-            agent,
-            backend,
-            rest,
-            args.samples,
-            sp,
-            args.out,
-            args.seed,
-            args.shard_size,
-            progress=not args.no_progress,
-        )
+        results = [
+            sample_shard(agent, backend, shard, args.samples, sp, args.out, args.seed, not args.no_progress)
+            for shard in shards
+        ]
     seconds = time.perf_counter() - t0
     sampled = sum(r.sampled for r in results)
     summary = {
-        "problems": len(rest),
+        "problems": sum(len(s) for s in shards),
         "chains": sum(r.total for r in results),
         "resumed": sum(r.resumed for r in results),
         "sampled": sampled,

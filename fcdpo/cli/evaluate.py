@@ -1,6 +1,6 @@
 """Evaluate any model (+ adapter) on any problem file, in the agent loop used for sampling.
 
-    python -m fcdpo.evaluate --model gemma-3-270m [--adapter runs/default/training/adapter] \\
+    fcdpo evaluate --model gemma-3-270m [--adapter runs/default/training/adapter] \\
         --problems problems.jsonl --out DIR [--k 4] [--backend vllm]
 
 ``--problems`` is a JSONL file of ``id, question, answer, toolset`` rows (the ``jsonl`` source) or a file in
@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from fcdpo.agent import Agent, AgentLimits, PromptSpec
-from fcdpo.evaluation import EvalConfig, evaluate
+from fcdpo.agent import AgentLimits
+from fcdpo.evaluation import EvalConfig
 from fcdpo.problems import ProblemSet, load_source
 from fcdpo.problems.jsonl import ProblemFileError, read_jsonl_rows
 
@@ -32,7 +32,7 @@ def load_problem_file(path: str) -> ProblemSet:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fcdpo.evaluate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fcdpo evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m", help="model name, HF id or local folder")
     ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (from fcdpo training)")
     ap.add_argument("--problems", required=True, help="JSONL problem file")
@@ -53,16 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from fcdpo.config import StudentConfig
-    from fcdpo.pipeline import student_backend
+    from fcdpo.labelling import LabellingConfig
+    from fcdpo.stages import EvalJob, evaluate_student
 
-    cfg = EvalConfig(k=args.k, temperature=args.temperature, seed=args.seed, adapter_mode=args.adapter_mode)
-    limits = AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries)
-    student = StudentConfig(model=args.model, backend=args.backend)
+    job = EvalJob(
+        student=StudentConfig(model=args.model, backend=args.backend),
+        limits=AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries),
+        evaluation=EvalConfig(
+            k=args.k, temperature=args.temperature, seed=args.seed, adapter_mode=args.adapter_mode
+        ),
+        labelling=LabellingConfig(),
+    )
     adapter = Path(args.adapter) if args.adapter else None
-    workload = Agent(PromptSpec(), limits).workload(list(problems), max(cfg.k, 1), cfg.max_tokens_per_step)
-    with student_backend(student, args.adapter_mode, adapter, problems, workload) as backend:
-        result = evaluate(backend, list(problems), PromptSpec(), limits, cfg)
-    result.save(args.out)
+    with job.engine(adapter).open(problems, job.workload(problems)) as backend:
+        result = evaluate_student(problems, job, backend, args.out)
     line = {
         "model": result.model_id,
         "adapter": args.adapter,

@@ -1,8 +1,8 @@
 """Print problems from any registered source.
 
-    python -m fcdpo.problems --source fol --n 200 --seed 1
-    python -m fcdpo.problems --source gsm8k --path ../shared/data/gsm8k/train.jsonl --n 5 --format text
-    python -m fcdpo.problems --source jsonl --path my_problems.jsonl
+    fcdpo problems --source fol --n 200 --seed 1
+    fcdpo problems --source gsm8k --path ../shared/data/gsm8k/train.jsonl --n 5 --format text
+    fcdpo problems --source jsonl --path my_problems.jsonl
 
 JSONL on stdout (one problem per line; ``--format text`` for reading); a summary on stderr.
 """
@@ -18,7 +18,7 @@ from fcdpo.problems import PROBLEM_SOURCES, ProblemFileError, load_source
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fcdpo.problems", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="fcdpo problems", description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", required=True, choices=PROBLEM_SOURCES.names())
     ap.add_argument("--n", type=int, default=None, help="number of problems (generators) or first n (files)")
     ap.add_argument("--seed", type=int, default=None, help="generator seed")

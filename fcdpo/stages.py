@@ -1,0 +1,229 @@
+"""The method's stages as plain functions of the run config, each returning a typed result.
+
+The Prefect tasks (``tasks/stages.py``) wrap exactly these, and ``flows/pipeline.py`` calls them in the
+method's order. Without Prefect (a notebook), call them in that same order::
+
+    from fcdpo import stages
+    from fcdpo.config import load_config
+    from fcdpo.evaluation import compare
+
+    cfg = load_config("configs/default.yaml")
+    out = stages.run_dir(cfg)
+    split = stages.load_problems(cfg.problems)
+    teacher = stages.teacher_prompt(cfg.teacher, cfg.agent, split.train)
+    job = stages.SamplingJob.of(cfg, teacher.prompt)
+    shards = teacher.shards(cfg.teacher.sampling.shard_size)
+    with cfg.teacher.engine().open(teacher.to_sample, job.workload(shards[0])) as backend:
+        sampled = [stages.sample_shard(shard, job, out / "shards", backend) for shard in shards]
+    chains = stages.gather_chains(sampled, out / "chains.jsonl")
+    args = (chains, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling, out / "pairs")
+    pairs = stages.build_pairs(*args)
+    trained = stages.train_student(pairs.parquet, cfg.student, out / "training")
+    ev, result = stages.EvalJob.of(cfg), {}
+    for name, adapter in (("before", None), ("after", trained.adapter_dir)):
+        with ev.engine(adapter).open(split.test, ev.workload(split.test)) as backend:
+            result[name] = stages.evaluate_student(split.test, ev, backend, out / "eval" / name)
+    comparison = compare(result["before"], result["after"], cfg.evaluation)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from fcdpo import pairs as pairs_lib
+from fcdpo import sampling
+from fcdpo.agent import Agent, AgentLimits, PromptSpec
+from fcdpo.backends import Backend, EngineSpec, Workload
+from fcdpo.config import ProblemsConfig, RunConfig, StudentConfig, TeacherConfig
+from fcdpo.demos import with_demonstrations
+from fcdpo.evaluation import EvalConfig, EvalResult, evaluate
+from fcdpo.hashing import digest
+from fcdpo.labelling import LabellingConfig
+from fcdpo.models import merge_adapter, resolve_model
+from fcdpo.pairs import PairsConfig, PairsResult
+from fcdpo.problems import ProblemSet, load_source
+from fcdpo.records import read_jsonl
+from fcdpo.sampling import ChainsResult, ShardResult, gather_chains, split_shards
+from fcdpo.training import MetricsSink, TrainResult, train_dpo
+
+__all__ = [
+    "EvalJob",
+    "SamplingJob",
+    "Split",
+    "TeacherPrompt",
+    "build_pairs",
+    "evaluate_student",
+    "gather_chains",
+    "load_problems",
+    "run_dir",
+    "sample_shard",
+    "teacher_prompt",
+    "train_student",
+]
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """Where a run writes its outputs: ``out_dir/name``."""
+    return Path(cfg.out_dir) / cfg.name
+
+
+@dataclass
+class Split:
+    """The run's problems: training problems (sampled) and held-out problems (evaluated)."""
+
+    train: ProblemSet
+    test: ProblemSet
+
+    @property
+    def digest(self) -> str:
+        """The identity of the problems (content and split): MLflow records it, the scheduled
+        rerun-on-new-problem-sets flow skips sets it has already seen."""
+        return digest([self.train.digest, self.test.digest], 32)
+
+
+@dataclass
+class TeacherPrompt:
+    """The teacher's prompt (few-shot demonstrations from training problems) and the problems left to sample."""
+
+    prompt: PromptSpec
+    to_sample: ProblemSet
+
+    def shards(self, shard_size: int) -> list[ProblemSet]:
+        return split_shards(self.to_sample, shard_size)
+
+
+def load_problems(cfg: ProblemsConfig) -> Split:
+    """All configured sources, concatenated, split into train/test by id hash (a bad problem file fails
+    here, before anything is written)."""
+    sets = [load_source(s.source, **s.params) for s in cfg.sources]
+    everything = ProblemSet.concat("problems", sets).with_splits(
+        {"train": 1 - cfg.test_fraction, "test": cfg.test_fraction}, cfg.split_salt
+    )
+    train, test = everything.split("train"), everything.split("test")
+    return Split(
+        train.head(cfg.max_train) if cfg.max_train else train,
+        test.head(cfg.max_test) if cfg.max_test else test,
+    )
+
+
+def teacher_prompt(teacher: TeacherConfig, limits: AgentLimits, train: ProblemSet) -> TeacherPrompt:
+    """``n_demonstrations`` worked chains per toolset (run by the oracle on training problems with solutions)."""
+    limits = limits.model_copy(update={"max_steps": 64})
+    return TeacherPrompt(*with_demonstrations(teacher.prompt, train, teacher.n_demonstrations, limits))
+
+
+class SamplingJob(BaseModel):
+    """What decides a teacher's chains besides the problems and the model's weights: the teacher's
+    settings, the agent's limits, the prompt with its demonstrations, and the labelling."""
+
+    teacher: TeacherConfig
+    limits: AgentLimits
+    prompt: PromptSpec
+    labelling: LabellingConfig
+
+    @classmethod
+    def of(cls, cfg: RunConfig, prompt: PromptSpec) -> SamplingJob:
+        return cls(teacher=cfg.teacher, limits=cfg.agent, prompt=prompt, labelling=cfg.labelling)
+
+    def workload(self, shard: ProblemSet) -> Workload:
+        """What the teacher's engine holds for a shard: every chain at once, each as long as the limits allow."""
+        s = self.teacher.sampling
+        return Agent(self.prompt, self.limits).workload(
+            list(shard), s.samples_per_problem, s.max_tokens_per_step
+        )
+
+
+class EvalJob(BaseModel):
+    """What decides an evaluation besides the problems and the model's weights: the student's settings,
+    the agent's limits, the evaluation settings, and the labelling."""
+
+    student: StudentConfig
+    limits: AgentLimits
+    evaluation: EvalConfig
+    labelling: LabellingConfig
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> EvalJob:
+        return cls(student=cfg.student, limits=cfg.agent, evaluation=cfg.evaluation, labelling=cfg.labelling)
+
+    def workload(self, test: ProblemSet) -> Workload:
+        """What a student's evaluation engine holds: one greedy chain per problem, or k sampled ones."""
+        e = self.evaluation
+        return Agent(self.student.prompt, self.limits).workload(
+            list(test), max(e.k, 1), e.max_tokens_per_step
+        )
+
+    def engine(self, adapter: Path | None = None) -> EngineSpec:
+        """The engine serving the student: the base model, or base + adapter as a merged copy (cached by
+        hash) or through vLLM's LoRA support (``evaluation.adapter_mode: lora``)."""
+        base = self.student.engine()
+        if adapter is None:
+            return base
+        if self.evaluation.adapter_mode == "merged":
+            merged = merge_adapter(resolve_model(self.student.model), adapter)
+            return EngineSpec(base.backend, str(merged.path), base.options, base.setting)
+        options = {
+            **base.options,
+            "enable_lora": True,
+            "max_lora_rank": max(16, self.student.training.lora.r),
+        }
+        return EngineSpec(base.backend, base.model, options, base.setting, str(Path(adapter).resolve()))
+
+
+def sample_shard(shard: ProblemSet, job: SamplingJob, out_dir: str | Path, backend: Backend) -> ShardResult:
+    """N chains per problem of one shard, each labelled as it finishes, appended to its shard file (a
+    second call resumes the file: finished keys are skipped)."""
+    s = job.teacher.sampling
+    agent = Agent(job.prompt, job.limits, model_id=backend.model_id, chat=backend.chat)
+    return sampling.sample_shard(
+        agent,
+        backend,
+        shard,
+        s.samples_per_problem,
+        s.params(),
+        out_dir,
+        s.seed,
+        s.progress,
+        job.labelling.build(),
+    )
+
+
+def build_pairs(
+    chains: ChainsResult,
+    train: ProblemSet,
+    student_prompt: PromptSpec,
+    cfg: PairsConfig,
+    labelling: LabellingConfig,
+    out_dir: str | Path,
+) -> PairsResult:
+    """D_w x D_l per prompt (capped), in the student's prompt, as TRL preference pairs."""
+    return pairs_lib.build_pairs(
+        read_jsonl(chains.path), train.by_id(), out_dir, student_prompt, cfg, labelling.build()
+    )
+
+
+def train_student(
+    pairs_parquet: str | Path,
+    student: StudentConfig,
+    out_dir: str | Path,
+    callbacks: Sequence[MetricsSink] = (),
+) -> TrainResult:
+    """LoRA DPO of the student on the pairs; resumes from its last checkpoint in ``out_dir``."""
+    model = resolve_model(student.model)
+    return train_dpo(
+        pairs_parquet, model.path, out_dir, student.training, student.prompt,
+        model_id=model.model_id, model_hash=model.weights_hash, callbacks=callbacks,
+    )  # fmt: skip
+
+
+def evaluate_student(test: ProblemSet, job: EvalJob, backend: Backend, out_dir: str | Path) -> EvalResult:
+    """Greedy pass@1 (+ pass@k) in the student's prompt and the run's agent loop; saved to ``out_dir``."""
+    result = evaluate(
+        backend, list(test), job.student.prompt, job.limits, job.evaluation, job.labelling.build()
+    )
+    result.save(out_dir)
+    return result
