@@ -213,8 +213,9 @@ def test_digest_tracks_content():
 
 
 def test_cli_prints_200_verified_fol_problems():
+    """`fcdpo problems` (the fcdpo command hands it to fcdpo/cli/problems.py)."""
     out = subprocess.run(
-        [sys.executable, "-m", "fcdpo.cli.problems", "--source", "fol", "--n", "200", "--seed", "1"],
+        [sys.executable, "-m", "flows.cli", "problems", "--source", "fol", "--n", "200", "--seed", "1"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     rows = [json.loads(x) for x in out.stdout.splitlines()]
