@@ -136,6 +136,10 @@ class TrackingConfig(_Strict):
         "with artifacts in ./mlartifacts (no server needed)",
     )
     experiment: str = Field("fcdpo", description="MLflow experiment the runs go to")
+    registered_model: str | None = Field(
+        "fcdpo-student",
+        description="registered model the trained adapter becomes a new version of (null: log it, do not register)",
+    )
 
 
 class OrchestrationConfig(_Strict):

@@ -151,6 +151,27 @@ class RunSummary(BaseModel):
         lines += ["", "stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())]
         return "\n".join(lines)
 
+    def headline_metrics(self) -> dict[str, float]:
+        """The numbers that compare two runs, flat (the MLflow parent run's metrics): per task accuracy
+        before/after, the difference with its CI bounds, McNemar p and format-error rates; chains, correct
+        chains, pairs; each stage's seconds."""
+        out: dict[str, float] = {
+            "chains": self.chains,
+            "correct_chains": sum(t.correct for t in self.per_task.values()),
+            "pairs": self.pairs,
+            "prompts_with_pairs": self.prompts_with_pairs,
+            **{f"seconds.{k}": v for k, v in self.seconds.items()},
+        }
+        for when, metrics in (("before", self.before), ("after", self.after)):
+            for t, m in (metrics or {}).items():
+                out[f"{t}.accuracy_{when}"] = m["accuracy"]
+                out[f"{t}.format_error_rate_{when}"] = m["format_error_rate"]
+        for t, c in (self.comparison or {}).items():
+            out[f"{t}.difference"] = c["difference"]
+            out[f"{t}.difference_ci_low"], out[f"{t}.difference_ci_high"] = c["difference_ci"]
+            out[f"{t}.mcnemar_p"] = c["mcnemar_p"]
+        return out
+
     def eval_metrics(self) -> dict[str, dict[str, float]]:
         """``{"eval-before": {"arith.accuracy": ...}, "eval-after": ...}``: the numeric metrics per task."""
         return {

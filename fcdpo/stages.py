@@ -84,6 +84,17 @@ class Split:
         rerun-on-new-problem-sets flow skips sets it has already seen."""
         return digest([self.train.digest, self.test.digest], 32)
 
+    def save(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """``train.jsonl`` and ``test.jsonl`` (the ``jsonl`` source's format) under ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = out / "train.jsonl", out / "test.jsonl"
+        for path, problems in zip(paths, (self.train, self.test), strict=True):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(p.model_dump_json() + "\n" for p in problems))
+            tmp.replace(path)
+        return paths
+
 
 @dataclass
 class TeacherPrompt:

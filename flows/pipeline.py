@@ -55,7 +55,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None) -> RunSummary:
         split = load_problems(cfg.problems)
         teacher = build_teacher_prompt(cfg.teacher, cfg.agent, split.train)
     out.mkdir(parents=True, exist_ok=True)
-    tracker = start_tracker(cfg, tracking_uri, split)
+    tracker = start_tracker(cfg, tracking_uri, split, out / "problems")
     try:
         # 2. the teacher samples N chains per problem, shard by shard, each labelled as it finishes
         if "sample" in stages:
@@ -82,7 +82,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None) -> RunSummary:
             with clock("training"):
                 args = (pairs.parquet, cfg.student, student_id(cfg), str(out / "training"), tracker)
                 trained = fresh(train_student, *args)
-            tracker.adapter(trained)
+            tracker.adapter(trained, pairs)
 
         # 6. the trained student: same problems, same agent loop; paired before/after comparison
         if "evaluate" in stages and trained:

@@ -22,6 +22,7 @@ from fcdpo.stages import Split
 from fcdpo.training import TrainResult
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's experiment-kind tag: its training view
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 
@@ -54,7 +55,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(cfg, uri)
-        self.client = MlflowClient(self.uri)
+        self.client = MlflowClient(self.uri, registry_uri=self.uri)
         name = cfg.tracking.experiment
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
@@ -64,6 +65,12 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(name, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        # the experiment opens in MLflow's model-training view (not its GenAI view of evaluation runs)
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+        self.registered_model = cfg.tracking.registered_model
+        self.flow_run_id = flow_run_id
+        self.held_out: tuple[Path, str] | None = None  # the held-out problems' file and digest
+        self.model_id: str | None = None  # the trained adapter's logged model
         tags = {"fcdpo.config": cfg.name, **(tags or {})}
         if flow_run_id:
             tags.update({"prefect.flow_run_id": flow_run_id, "prefect.flow_run_url": ui_url or ""})
@@ -90,21 +97,30 @@ class Tracker:
 
     def dataset(
         self, stage: str, name: str, path: str | Path, digest: str | None = None, context: str = ""
-    ) -> None:
-        """Log a dataset (digest + source) as an input of the stage's run, and the file as an artifact."""
+    ) -> str:
+        """Log a dataset as an input of the stage's run (the run that consumed it): digest, source, schema
+        and context; the table itself never goes through the call. The file (below 200 MB) and its first
+        rows (``<name>.sample.jsonl``) become artifacts of that run. Returns the digest."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
         path = Path(path)
-        digest = digest or (file_sha256(path) if path.is_file() else None)
-        ds = MetaDataset(resolve_dataset_source(str(path.resolve())), name=name, digest=(digest or "")[:36])
-        entity = ds._to_mlflow_entity()
+        digest = (digest or (file_sha256(path) if path.is_file() else ""))[:36]
+        rows = sample_rows(path)
+        ds = MetaDataset(
+            resolve_dataset_source(str(path.resolve())), name=name, digest=digest, schema=_schema(rows)
+        )
         tags = [InputTag("mlflow.data.context", context)] if context else []
         run = self.child(stage)
-        self.client.log_inputs(run, datasets=[DatasetInput(entity, tags)])
+        self.client.log_inputs(run, datasets=[DatasetInput(ds._to_mlflow_entity(), tags)])
         if path.is_file() and path.stat().st_size < 200_000_000:
             self.client.log_artifact(run, str(path), artifact_path="data")
+        if rows:
+            self.client.log_text(
+                run, "".join(json.dumps(r, default=str) + "\n" for r in rows), f"data/{name}.sample.jsonl"
+            )
+        return digest
 
     def metrics(self, stage: str, metrics: dict[str, float], step: int = 0) -> None:
         run = self.child(stage)
@@ -128,21 +144,105 @@ class Tracker:
         for run in [*self.children.values(), self.parent]:
             self.client.set_terminated(run, status)
 
+    def problems(self, split: Split, out_dir: Path) -> None:
+        """The problem sets (written to ``out_dir`` as JSONL) as inputs of the runs that read them: both on
+        ``problems``, the training set on ``sampling``; the held-out set goes on the evaluation runs."""
+        train, test = split.save(out_dir)
+        for stage, name, path, problems, context in (
+            ("problems", "training problems", train, split.train, "training"),
+            ("problems", "held-out problems", test, split.test, "evaluation"),
+            ("sampling", "training problems", train, split.train, "training"),
+        ):
+            self.dataset(stage, name, path, problems.digest, context)
+        self.held_out = (test, split.test.digest)
+        self.metrics("problems", {"train": len(split.train), "test": len(split.test)})
+
     def chains(self, chains: ChainsResult) -> None:
-        self.dataset("sampling", "chains", chains.path, context="training")
+        """The labelled chains: counted on ``sampling`` (the file an artifact there), consumed by ``pairs``."""
         self.metrics("sampling", {"chains": chains.chains, "correct": chains.correct})
+        self.artifacts("sampling", chains.path, "data")
+        self.dataset("pairs", "chains", chains.path, context="training")
 
     def pairs(self, pairs: PairsResult) -> None:
-        self.dataset("pairs", "pairs", pairs.parquet, context="training")
         self.metrics("pairs", {"pairs": pairs.n_pairs, "prompts": pairs.n_prompts})
+        self.artifacts("pairs", pairs.parquet, "data")
 
-    def adapter(self, trained: TrainResult) -> None:
-        self.artifacts("train-dpo", trained.adapter_dir, "adapter")
+    def adapter(self, trained: TrainResult, pairs: PairsResult) -> None:
+        """The pairs as the input of ``train-dpo``, and the adapter as an MLflow logged model of that run
+        (its manifest as params, the pairs dataset linked through its final training metrics), registered
+        as a new version of ``tracking.registered_model``."""
+        run = self.child("train-dpo")
+        digest = self.dataset("train-dpo", "pairs", pairs.parquet, context="training")
+        m = trained.manifest
+        model = self.client.create_logged_model(
+            self.experiment_id, name="student-adapter", source_run_id=run, model_type="peft-lora-adapter",
+            params=flatten(redact({k: m[k] for k in ("base_model", "base_model_hash", "pairs_digest", "n_pairs",
+                                                     "global_step", "training")})),
+            tags={"fcdpo.base_model": str(m["base_model"]), **self._flow_run_tags()},
+        )  # fmt: skip
+        self.client.log_model_artifacts(model.model_id, str(trained.adapter_dir))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.model_id = model.model_id
+        last = trained.history[-1] if trained.history else {}
+        for k, v in last.items():
+            if k != "step" and isinstance(v, int | float):
+                self.client.log_metric(
+                    run,
+                    f"final_{k}",
+                    float(v),
+                    model_id=model.model_id,
+                    dataset_name="pairs",
+                    dataset_digest=digest,
+                )
+        if self.registered_model:
+            self._register(model.model_id, run)
+
+    def _register(self, model_id: str, run: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(self.registered_model)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # MLflow resolves a "models:/<id>" source through the process-wide tracking URI, not this client's
+        # (a TODO in its sqlalchemy store): point it at this store for the call
+        previous = self._mlflow.get_tracking_uri()
+        self._mlflow.set_tracking_uri(self.uri)
+        try:
+            self.client.create_model_version(
+                self.registered_model,
+                f"models:/{model_id}",
+                run_id=run,
+                tags=self._flow_run_tags(),
+                model_id=model_id,
+            )
+        finally:
+            self._mlflow.set_tracking_uri(previous)
+
+    def _flow_run_tags(self) -> dict[str, str]:
+        return {"prefect.flow_run_id": self.flow_run_id} if self.flow_run_id else {}
 
     def report(self, summary: RunSummary, summary_json: Path) -> None:
-        """The evaluation metrics, the report folder and summary.json; then the runs are finished."""
+        """The headline metrics on the parent run (the experiment table compares runs by them), the
+        evaluation metrics on the evaluation runs with the held-out set as their input (and on the logged
+        model, after training), the report folder and summary.json; then the runs are finished."""
+        for k, v in summary.headline_metrics().items():
+            if v == v:  # NaN: no such metric
+                self.client.log_metric(self.parent, k, float(v))
         for stage, metrics in summary.eval_metrics().items():
-            self.metrics(stage, metrics)
+            digest = (
+                self.dataset(stage, "held-out problems", *self.held_out, "evaluation")
+                if self.held_out
+                else None
+            )
+            model_id = self.model_id if stage == "eval-after" else None
+            for k, v in metrics.items():
+                if v == v:
+                    self.client.log_metric(
+                        self.child(stage), k, float(v), model_id=model_id,
+                        dataset_name="held-out problems" if digest else None, dataset_digest=digest,
+                    )  # fmt: skip
         self.artifacts("report", Path(summary.out_dir) / "eval")
         self.artifacts("report", summary_json)
         self.finish()
@@ -164,9 +264,9 @@ class Tracker:
         )
 
 
-def start_tracker(cfg: RunConfig, uri: str | None, split: Split) -> Tracker:
+def start_tracker(cfg: RunConfig, uri: str | None, split: Split, out_dir: Path) -> Tracker:
     """The MLflow parent run of this Prefect flow run (tagged with its id, UI address and the problems'
-    digest), with the problem counts logged."""
+    digest), with the problem sets (written to ``out_dir``) and their counts logged."""
     from prefect.context import get_run_context
     from prefect.settings import PREFECT_UI_URL
 
@@ -177,8 +277,67 @@ def start_tracker(cfg: RunConfig, uri: str | None, split: Split) -> Tracker:
         f"{ui}/runs/flow-run/{flow_run.id}" if ui and flow_run else None,
         tags={"fcdpo.problem_set_digest": split.digest},
     )  # fmt: skip
-    tracker.metrics("problems", {"train": len(split.train), "test": len(split.test)})
+    tracker.problems(split, out_dir)
     return tracker
+
+
+def sample_rows(path: Path, n: int = 5) -> list[dict[str, Any]]:
+    """The first ``n`` rows of a JSONL or parquet table (nested values as JSON text)."""
+    if not path.is_file():
+        return []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=n), None)
+        rows = batch.to_pylist() if batch is not None else []
+    else:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for _, line in zip(range(n), f, strict=False)]
+    return [
+        {k: v if isinstance(v, str | int | float | bool) else json.dumps(v) for k, v in r.items()}
+        for r in rows
+    ]
+
+
+def _schema(rows: list[dict[str, Any]]) -> Any:
+    """The MLflow schema of a table's first rows (None without rows)."""
+    if not rows:
+        return None
+    import warnings
+
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    with (
+        warnings.catch_warnings()
+    ):  # "integer columns cannot hold missing values": a sample's types are all we want
+        warnings.simplefilter("ignore")
+        return infer_signature(pd.DataFrame(rows)).inputs
+
+
+def load_student(model_uri: str, tracking_uri: str | None = None) -> Any:
+    """A trained adapter from MLflow on its base model: ``load_student("models:/fcdpo-student/3")`` (a
+    registered version, or ``models:/<model_id>``) downloads the adapter and returns a PEFT model on the
+    base model its manifest names (``tracking_uri``: default MLflow's, e.g. $MLFLOW_TRACKING_URI)."""
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fcdpo.models import resolve_model
+
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    ref = model_uri.removeprefix("models:/")
+    if ref.startswith("m-"):  # a logged model's id
+        location = client.get_logged_model(ref).artifact_location
+    else:  # name/version of a registered model
+        name, _, version = ref.partition("/")
+        location = client.get_model_version_download_uri(name, version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, tracking_uri=tracking_uri))
+    manifest = json.loads((local / "fcdpo_manifest.json").read_text())
+    base = manifest["base_model_path"]
+    if not Path(base).is_dir():  # another machine: resolve the base model by name
+        base = str(resolve_model(manifest["base_model"].split("@")[0]).path)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(local))
 
 
 def finished_runs_for_problems(cfg: RunConfig, uri: str | None, problems_digest: str) -> list[str]:

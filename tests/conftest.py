@@ -248,3 +248,62 @@ def summary_results(summary):
         include={"stages", "train_problems", "test_problems", "chains", "per_task", "pairs", "prompts_with_pairs",
                  "before", "after", "comparison"}
     ) | {"training_steps": summary.training.steps if summary.training else None}  # fmt: skip
+
+
+def check_mlflow_record(client, summary, flow_run_id, registered="fcdpo-student"):
+    """What one full pipeline run leaves in MLflow (issue 13): the headline metrics on the parent run, each
+    dataset on the run that consumed it, the adapter as a logged model linked to the pairs dataset and
+    registered as a version tagged with the Prefect flow run. Returns the model version."""
+    parent = client.get_run(summary.mlflow.run_id)
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    m, c = parent.data.metrics, summary.comparison
+    assert m["all.accuracy_before"] == summary.before["all"]["accuracy"]
+    assert m["all.accuracy_after"] == summary.after["all"]["accuracy"] == c["all"]["after"]
+    assert m["all.difference"] == c["all"]["difference"] and m["all.mcnemar_p"] == c["all"]["mcnemar_p"]
+    assert (m["all.difference_ci_low"], m["all.difference_ci_high"]) == tuple(c["all"]["difference_ci"])
+    assert m["pairs"] == summary.pairs and m["chains"] == summary.chains and m["seconds.training"] > 0
+    assert {f"{t}.accuracy_after" for t in c} <= set(m)
+
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    runs = {r.data.tags["fcdpo.stage"]: r for r in children}
+
+    def inputs(stage):
+        return {
+            (d.dataset.name, {t.key: t.value for t in d.tags}.get("mlflow.data.context")): d.dataset
+            for d in runs[stage].inputs.dataset_inputs
+        }
+
+    assert set(inputs("problems")) == {("training problems", "training"), ("held-out problems", "evaluation")}
+    assert set(inputs("sampling")) == {("training problems", "training")}
+    assert set(inputs("pairs")) == {("chains", "training")}
+    assert set(inputs("train-dpo")) == {("pairs", "training")}
+    for stage in ("eval-before", "eval-after"):
+        assert set(inputs(stage)) == {("held-out problems", "evaluation")}
+        assert runs[stage].data.metrics["all.accuracy"] == getattr(summary, stage[5:])["all"]["accuracy"]
+    pairs_ds = inputs("train-dpo")[("pairs", "training")]
+    assert len(pairs_ds.digest) >= 16 and "chosen" in pairs_ds.schema and pairs_ds.source
+    samples = {a.path for a in client.list_artifacts(runs["train-dpo"].info.run_id, "data")}
+    assert "data/pairs.sample.jsonl" in samples
+
+    (model,) = client.search_logged_models(
+        [exp.experiment_id], filter_string=f"source_run_id = '{runs['train-dpo'].info.run_id}'"
+    )
+    assert (
+        model.status.to_string() == "READY"
+        if hasattr(model.status, "to_string")
+        else str(model.status).endswith("READY")
+    )
+    assert model.params["pairs_digest"] and int(model.params["global_step"]) == summary.training.steps
+    arts = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert {"fcdpo_manifest.json", "adapter_model.safetensors"} <= arts
+    linked = {(x.key, x.dataset_name, x.dataset_digest) for x in model.metrics or []}
+    assert any(name == "pairs" and digest == pairs_ds.digest for _, name, digest in linked), linked
+    assert any(k == "all.accuracy" and name == "held-out problems" for k, name, _ in linked), linked
+    (version,) = client.search_model_versions(
+        f"name = '{registered}' and run_id = '{runs['train-dpo'].info.run_id}'"
+    )
+    assert (
+        version.source == f"models:/{model.model_id}" and version.tags["prefect.flow_run_id"] == flow_run_id
+    )
+    return version
