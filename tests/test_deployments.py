@@ -199,19 +199,16 @@ def test_pipeline_deployment_tracks_lineage_and_second_trigger_is_cached(servers
 
 
 @pytest.mark.parametrize("stages", STAGE_COMBINATIONS, ids="+".join)
-def test_every_stages_value_gives_the_same_outputs_in_process_and_through_the_deployment(
+def test_every_stages_value_gives_the_same_outputs_through_fcdpo_run_and_the_deployment(
     servers, tmp_path, tiny_model, stages
 ):
-    """The pipeline flow called in process (what `fcdpo run` does) and the pipeline deployment triggered
-    through the API write the same outputs for each `stages` value: the files the stages promise, the same
-    chains and pairs (by content digest), and the same summary numbers."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    """`fcdpo run` (a subprocess, as a user types it, against the test's servers) and the pipeline
+    deployment triggered through the API write the same outputs for each `stages` value: the files the
+    stages promise, the same chains and pairs (by content digest), and the same summary numbers."""
     from fcdpo.report import RunSummary
-    from flows.pipeline import pipeline
 
     runs = {}
-    for path in ("in-process", "deployment"):
+    for path in ("fcdpo-run", "deployment"):
         cfg = tiny_run_config(
             tmp_path / path,
             tiny_model,
@@ -219,10 +216,13 @@ def test_every_stages_value_gives_the_same_outputs_in_process_and_through_the_de
             name="combo",
             **{"tracking.uri": servers["mlflow_url"]},
         )
-        if path == "in-process":
-            with temporary_settings({PREFECT_API_URL: servers["prefect_api_url"]}):
-                state = pipeline(cfg, return_state=True)
-            assert state.is_completed(), state.message
+        if path == "fcdpo-run":
+            (tmp_path / "combo.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+            out = subprocess.run(
+                [str(BIN / "fcdpo"), "run", "--config", str(tmp_path / "combo.yaml")],
+                env=servers["env"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr[-3000:]
         else:
             run = wait(
                 servers, trigger(servers, "pipeline/pipeline", {"config": cfg.model_dump(mode="json")})
@@ -231,9 +231,9 @@ def test_every_stages_value_gives_the_same_outputs_in_process_and_through_the_de
         run_dir = tmp_path / path / "runs" / "combo"
         summary = RunSummary.model_validate_json((run_dir / "summary.json").read_text())
         runs[path] = (run_outputs(run_dir), summary_results(summary))
-    outputs, results = runs["in-process"]
+    outputs, results = runs["fcdpo-run"]
     assert set(outputs) == expected_outputs(stages)
-    assert runs["deployment"] == runs["in-process"]
+    assert runs["deployment"] == runs["fcdpo-run"]
     assert (results["chains"] > 0) == ("sample" in stages) and (results["pairs"] > 0) == ("pairs" in stages)
     assert (results["training_steps"] == 2) == ("train" in stages)
     assert (results["before"] is not None) == ("evaluate" in stages)
