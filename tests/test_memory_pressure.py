@@ -62,4 +62,9 @@ def test_an_engine_that_cannot_fit_fails_at_once_and_is_not_retried(harness, bal
     shard = runs["sample-shard"]
     assert shard.state_name == "Failed" and shard.run_count == 1
     out = tmp_path / "runs" / cfg.name
-    assert not list(out.rglob("*.jsonl")) and not (out / "shards").exists()  # nothing partial
+    # nothing partial: the problem sets of the finished problems stage (logged to MLflow), no chains
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jsonl")) == [
+        "problems/test.jsonl",
+        "problems/train.jsonl",
+    ]
+    assert not (out / "shards").exists() and not (out / "chains.jsonl").exists()
