@@ -83,7 +83,6 @@ class Tracker:
             self.client.log_batch(self.parent, params=items[i : i + 100])
         self._mlflow = mlflow
         self.children: dict[str, str] = {}
-        self._train_run: str | None = None
 
     def child(self, stage: str) -> str:
         if stage not in self.children:
