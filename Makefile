@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test lint format clean browser-check
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the Prefect and MLflow pages of a tiny run, checked in headless Chromium (bench/browser.py; off by default)
+browser-check: setup
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { echo "needs Debian's Chromium: apt-get install -y chromium chromium-driver"; exit 2; }
+	$(PY) -m pip install -q "selenium>=4.20"  # = the browser extra; no other package changes
+	$(PY) bench/browser.py --out runs/browser-check
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -215,6 +215,8 @@ def start_servers(
     bindir = Path(sys.executable).parent
     env = {**os.environ, **(env or {})}
     env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+    # the UI it serves calls this API; Prefect's default is port 4200 whatever --port says
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
     cmds = {
         "prefect": [str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
         "mlflow": [
@@ -279,7 +281,12 @@ def up(args: argparse.Namespace) -> int:
         STATE.write_text(json.dumps(info, indent=2))
         print(f"servers left running (pids {info['pids']}); stop them with `fcdpo down`")
         return 0
-    print("Ctrl-C stops both.")
+    print("Ctrl-C (or SIGTERM) stops both.")
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while all(_alive(p) for p in info["pids"].values()):
             time.sleep(1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from fcdpo import stages
@@ -46,14 +46,21 @@ def sample_shard(
     return stages.sample_shard(shard, job, out_dir, backend)
 
 
-@task(name="train-student", tags=["engine"], **CACHED, **RETRIED)
+# log_prints=False: with Prefect's print capture on, dill (via datasets' fingerprinting inside TRL) cannot
+# capture the ``dis`` output it parses, and the bytecode of TRL's helpers lands in the run's logs. The
+# training metrics reach the logs through ``_log_step`` instead.
+@task(name="train-student", tags=["engine"], log_prints=False, **CACHED, **RETRIED)
 def train_student(
     pairs_parquet: Path, student: StudentConfig, model_id: str, out_dir: str, tracking: Any = None
 ) -> TrainResult:
     """LoRA DPO of the student; resumes from its last checkpoint when retried. ``tracking`` receives the
-    training metrics as they are logged."""
-    callbacks = [tracking.training_metrics] if tracking else []
+    training metrics as they are logged; each logged step is also a line in the task's log."""
+    callbacks = [_log_step, *([tracking.training_metrics] if tracking else [])]
     return stages.train_student(pairs_parquet, student, out_dir, callbacks)
+
+
+def _log_step(step: int, metrics: dict[str, float]) -> None:
+    get_run_logger().info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
 
 
 @task(name="evaluate-student", tags=["engine"], **CACHED, **RETRIED)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,10 @@ class Tracker:
         path = Path(path)
         digest = (digest or (file_sha256(path) if path.is_file() else ""))[:36]
         rows = sample_rows(path)
-        ds = MetaDataset(
-            resolve_dataset_source(str(path.resolve())), name=name, digest=digest, schema=_schema(rows)
-        )
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns of it
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            source = resolve_dataset_source(str(path.resolve()))
+        ds = MetaDataset(source, name=name, digest=digest, schema=_schema(rows))
         tags = [InputTag("mlflow.data.context", context)] if context else []
         run = self.child(stage)
         self.client.log_inputs(run, datasets=[DatasetInput(ds._to_mlflow_entity(), tags)])
@@ -181,6 +183,10 @@ class Tracker:
         )  # fmt: skip
         self.client.log_model_artifacts(model.model_id, str(trained.adapter_dir))
         self.client.finalize_logged_model(model.model_id, "READY")
+        # an output of the run, so the run's page lists it under "Logged models"
+        from mlflow.entities import LoggedModelOutput
+
+        self.client.log_outputs(run, [LoggedModelOutput(model.model_id, step=int(m["global_step"]))])
         self.model_id = model.model_id
         last = trained.history[-1] if trained.history else {}
         for k, v in last.items():
@@ -248,7 +254,8 @@ class Tracker:
 
     def location(self) -> TrackingLocation:
         """Where the run is: tracking URI, experiment and run ids, and the UI address (or how to get one)."""
-        path = f"#/experiments/{self.experiment_id}/runs/{self.parent}"
+        # MLflow's UI opens in its GenAI view unless the address asks for the training view
+        path = f"#/experiments/{self.experiment_id}/runs/{self.parent}?workflowType=machine_learning"
         if self.uri.startswith(("http://", "https://")):
             url, hint = f"{self.uri.rstrip('/')}/{path}", ""
         else:

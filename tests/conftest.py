@@ -295,6 +295,9 @@ def check_mlflow_record(client, summary, flow_run_id, registered="fcdpo-student"
         else str(model.status).endswith("READY")
     )
     assert model.params["pairs_digest"] and int(model.params["global_step"]) == summary.training.steps
+    # an output of train-dpo, so the run's page lists it under "Logged models"
+    outputs = client.get_run(runs["train-dpo"].info.run_id).outputs.model_outputs
+    assert [(o.model_id, o.step) for o in outputs] == [(model.model_id, summary.training.steps)]
     arts = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
     assert {"fcdpo_manifest.json", "adapter_model.safetensors"} <= arts
     linked = {(x.key, x.dataset_name, x.dataset_digest) for x in model.metrics or []}

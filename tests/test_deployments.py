@@ -404,6 +404,9 @@ def test_fcdpo_up_detach_prints_urls_and_down_stops_them(tmp_path):
         for url in (f"http://127.0.0.1:{pp}/api/health", f"http://127.0.0.1:{mp}/health"):
             with urllib.request.urlopen(url, timeout=10) as r:
                 assert r.status == 200
+        # the UI the Prefect server serves calls this server's API (Prefect's default is port 4200)
+        with urllib.request.urlopen(f"http://127.0.0.1:{pp}/ui-settings", timeout=10) as r:
+            assert json.load(r)["api_url"] == f"http://127.0.0.1:{pp}/api"
         pids = json.loads((tmp_path / ".fcdpo" / "up.json").read_text())["pids"]
     finally:
         down = subprocess.run(

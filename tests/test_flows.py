@@ -37,6 +37,7 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     client = MlflowClient(uri)
     parent = client.get_run(summary.mlflow.run_id)
     assert summary.mlflow.tracking_uri == uri and summary.mlflow.run_id in summary.mlflow.url
+    assert summary.mlflow.url.endswith("?workflowType=machine_learning")  # opens in the training view
     assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     assert len(parent.data.tags["fcdpo.problem_set_digest"]) == 32
     assert parent.data.params["pairs.max_pairs_per_prompt"] == "2"
