@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_pairs(out: Path, n_pairs: int) -> Path:
     """Preference pairs from real oracle chains on the default problem generators (student prompt)."""
-    from fcdpo.agent import Agent, AgentLimits, run_chains
+    from fcdpo.agent import Agent, AgentLimits
     from fcdpo.backends.oracle import OracleBackend
     from fcdpo.labelling import label_records
     from fcdpo.pairs import PairsConfig, build_pairs
     from fcdpo.problems import ProblemSet, load_source
+    from fcdpo.rollout import run_chains
 
     problems = ProblemSet.concat(
         "bench",

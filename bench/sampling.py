@@ -1,10 +1,17 @@
-"""Sampling throughput on the default model: the agent sampler vs the engine's own limit, and batched vs naive.
+"""Sampling throughput on the default model: the agent sampler vs the engine's own limit, vs the old
+step-synchronous loop, and vs a naive one-chain-at-a-time loop.
 
-- agent_vs_raw_tokens_ratio: generated tokens/s of the step-synchronous agent sampler, divided by tokens/s
-  of one raw ``llm.generate`` call that produces the same number of tokens from the same initial prompts
-  (no stop strings, fixed length): what the engine can do. Target >= 0.8.
-- batched_vs_naive_chains_ratio: chains/s of the batched sampler vs a naive loop that runs one chain at a
-  time to completion (as microchain does), same backend and chains. Target >= 5.
+- agent_vs_raw_tokens_ratio: generated tokens/s of the asynchronous sampler (``fcdpo.sampling.sample_shard``:
+  every chain its own loop, continuous batching), divided by tokens/s of one raw ``llm.generate`` call that
+  produces the same number of tokens from the same initial prompts (no stop strings, fixed length): what the
+  engine can do. Target >= 0.85.
+- async_vs_step_sync_tokens_ratio: the asynchronous sampler vs the step-synchronous loop it replaced (every
+  active chain in one ``generate`` per step, each step waiting for its slowest chain), same seeds;
+  ``same_chains`` says whether both wrote the same chains.
+- batched_vs_naive_chains_ratio: chains/s of the sampler vs a naive loop that runs one chain at a time to
+  completion (as microchain does), same backend. Target >= 5.
+
+The engine's prefix cache is emptied between the runs, so no run reuses another's prompts.
 
 All figures come from one run on one engine. Last line: one JSON object.
 
@@ -19,13 +26,14 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import replace
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chains", type=int, default=64, help="chains in the batched run (problems x samples)")
     ap.add_argument("--samples", type=int, default=4, help="chains per problem")
-    ap.add_argument("--naive-chains", type=int, default=64, help="chains in the naive one-at-a-time run")
+    ap.add_argument("--naive-chains", type=int, default=16, help="chains in the naive one-at-a-time run")
     ap.add_argument("--demos", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--block-size", type=int, default=None, help="KV block size (prefix-cache granularity)")
@@ -63,9 +71,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
         batched_s, tokens = res.seconds, res.completion_tokens
-        chains = res.sampled
+        n_chains = res.sampled
         recs = res.records()
     agent_tps = tokens / batched_s
+
+    # the step-synchronous loop this sampler replaced, same seeds
+    be.llm.reset_prefix_cache()
+    chains = [agent.new_chain(p, i, chain_seed(1, p.id, i)) for p in rest for i in range(args.samples)]
+    t0 = time.perf_counter()
+    sync_tokens = 0
+    while active := [c for c in chains if not c.done]:
+        gens = be.generate(agent.prompts(active), [replace(sp, seed=step_seed(c)) for c in active])
+        sync_tokens += sum(g.completion_tokens for g in gens)
+        agent.advance(active, gens)
+    sync_s = time.perf_counter() - t0
+    key = lambda r: (r.problem_id, r.sample_index)  # noqa: E731
+    same = [m.model_dump(exclude={"verdict"}) for m in sorted(recs, key=key)] == [
+        c.to_record().model_dump(exclude={"verdict"}) for c in sorted(chains, key=key)
+    ]
+    be.llm.reset_prefix_cache()
 
     # the engine's own limit: one generate call, same prompts, same number of tokens
     first = [
@@ -78,6 +102,7 @@ def main() -> None:
         VSP(temperature=0.7, max_tokens=per, min_tokens=per, ignore_eos=True, seed=i)
         for i in range(len(first))
     ]
+    be.llm.reset_prefix_cache()
     t0 = time.perf_counter()
     outs = be.llm.generate(first, raw_params, use_tqdm=False)
     raw_s = time.perf_counter() - t0
@@ -85,6 +110,7 @@ def main() -> None:
     raw_tps = raw_tokens / raw_s
 
     # naive: one chain at a time to completion (microchain's loop), same backend
+    be.llm.reset_prefix_cache()
     naive_problems = [p for p in rest for _ in range(args.samples)][: args.naive_chains]
     t0 = time.perf_counter()
     naive_tokens = 0
@@ -99,28 +125,31 @@ def main() -> None:
             naive_tokens += g.completion_tokens
     naive_s = time.perf_counter() - t0
     naive_cps = len(naive_problems) / naive_s
-    batched_cps = chains / batched_s
+    batched_cps = n_chains / batched_s
     be.close()
 
     print(
-        f"batched: {chains} chains, {tokens} tokens in {batched_s:.1f} s; raw: {raw_tokens} tokens in {raw_s:.1f} s; naive: {len(naive_problems)} chains in {naive_s:.1f} s"
+        f"async: {n_chains} chains, {tokens} tokens in {batched_s:.1f} s; step-synchronous: {sync_tokens} tokens in "
+        f"{sync_s:.1f} s; raw: {raw_tokens} tokens in {raw_s:.1f} s; naive: {len(naive_problems)} chains in {naive_s:.1f} s"
     )
     print(
         json.dumps(
             {
                 "agent_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
+                "async_vs_step_sync_tokens_ratio": round(agent_tps / (sync_tokens / sync_s), 3),
+                "same_chains": same,
                 "batched_vs_naive_chains_ratio": round(batched_cps / naive_cps, 2),
                 "agent_tokens_per_s": round(agent_tps, 1),
                 "raw_tokens_per_s": round(raw_tps, 1),
                 "batched_chains_per_s": round(batched_cps, 3),
                 "naive_chains_per_s": round(naive_cps, 4),
-                "chains": chains,
+                "chains": n_chains,
                 "naive_chains": len(naive_problems),
                 "mean_steps": round(sum(r.n_steps + r.n_failed for r in recs) / len(recs), 2),
                 "engine_start_s": round(start_s, 1),
                 "block_size": args.block_size,
                 "machine": f"{platform.machine()} cores={os.cpu_count()}",
-                "targets": {"agent_vs_raw_tokens_ratio": 0.8, "batched_vs_naive_chains_ratio": 5},
+                "targets": {"agent_vs_raw_tokens_ratio": 0.85, "batched_vs_naive_chains_ratio": 5},
             }
         )
     )

@@ -9,21 +9,23 @@ One step of one chain::
 The chain ends at ``Stop()``, after ``max_steps`` successful calls, or after ``max_tries`` consecutive
 failed tries. Failed tries (unparsable or rejected replies, function errors) stay in the record, marked.
 
-Many chains advance together: :meth:`Agent.prompts` gives the next prompt of every active chain and
-:meth:`Agent.advance` feeds a batch of replies back, so an inference engine can batch the whole
-population in one call per step. :func:`run_chains` is that loop, top to bottom.
+Each chain runs as its own asynchronous loop (:mod:`fcdpo.rollout`; :meth:`Agent.astep` runs the call
+off the event loop, with a deadline). :meth:`Agent.prompts` / :meth:`Agent.advance` step a list of chains
+together, for code that drives a synchronous ``Backend.generate`` itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict
 
-from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
+from fcdpo.backends.base import Generation, Prompt, Workload
 from fcdpo.calls import DEFAULT_MAX_REPLY_CHARS, MAX_REPLY_CHARS, CallSyntaxError, parse_call, valid_text
 from fcdpo.hashing import digest
 from fcdpo.memory import chain_tokens
@@ -198,6 +200,21 @@ def resolve_format(spec: PromptSpec, chat: bool) -> PromptSpec:
     return spec.model_copy(update={"format": "chat" if chat else "transcript"})
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A parsed, bound call, about to run."""
+
+    reply: str
+    name: str
+    fn: Function
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: str
+
+
 class Agent:
     def __init__(
         self,
@@ -244,6 +261,37 @@ class Agent:
             self.step(c, g if isinstance(g, Generation) else Generation(text=g))
 
     def step(self, chain: Chain, gen: Generation) -> None:
+        """Feed one reply to a chain: parse it, run the call here, record the result."""
+        call = self._begin(chain, gen)
+        if call is not None:
+            self._settle(chain, call, self._run(call))
+
+    async def astep(self, chain: Chain, gen: Generation, tools: Executor | None = None) -> None:
+        """:meth:`step` for the asynchronous loop: a ``blocking`` function (the default; the prover) runs in
+        ``tools`` (a thread pool), off the event loop, and is cut off after :meth:`tool_deadline_s`; a call cut off is a failed try that says so
+        (its thread finishes on its own; its result is dropped)."""
+        call = self._begin(chain, gen)
+        if call is None:
+            return
+        if not call.fn.blocking:
+            self._settle(chain, call, self._run(call))
+            return
+        limit = self.tool_deadline_s
+        try:
+            result = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(tools, self._run, call), limit
+            )
+        except TimeoutError:
+            result = _Failed(f"Error: {call.name} took longer than {limit:g} s and was stopped")
+        self._settle(chain, call, result)
+
+    @property
+    def tool_deadline_s(self) -> float:
+        """How long the asynchronous loop waits for one call: twice the budget tools honour, plus 1 s."""
+        return 2 * self.limits.tool_time_s + 1
+
+    def _begin(self, chain: Chain, gen: Generation) -> _Call | None:
+        """Count the reply; None when the chain ended or the reply failed (recorded here), else the call."""
         if chain.done:
             raise RuntimeError(f"chain {chain.problem.id}#{chain.sample_index} is already done")
         chain.n_replies += 1
@@ -252,38 +300,45 @@ class Agent:
         if gen.error is not None:
             chain.record.meta["error"] = valid_text(gen.error)
             chain.record.stop_reason = "aborted"
-            return
+            return None
         reply = valid_text(gen.text).strip()  # anything a model writes can be stored
         if reply.startswith(CALL_PREFIX):
             reply = reply[len(CALL_PREFIX) :].strip()
         try:
-            output, record = self._execute(chain, reply)
+            call = parse_call(reply, self.limits.max_reply_chars)
+            fn = chain.functions.get(call.name)
+            if fn is None:
+                names = ", ".join(chain.functions)
+                raise FunctionError(f"unknown function {call.name!r}; the functions are: {names}")
+            return _Call(reply, call.name, fn, type(fn).bind(call))
         except (CallSyntaxError, FunctionError) as e:
             self._fail(chain, reply, f"Error: {e}")
-            return
-        except Exception as e:  # a bug in a user's function must not kill the population
+        except Exception as e:  # a user's function class that fails to bind
             self._fail(chain, reply, f"Error: {type(e).__name__}: {e}")
+        return None
+
+    def _run(self, call: _Call) -> str | _Failed:
+        try:
+            return self._cut(valid_text(str(call.fn(**call.kwargs))))
+        except FunctionError as e:
+            return _Failed(f"Error: {e}")
+        except Exception as e:  # a bug in a user's function must not kill the population
+            return _Failed(f"Error: {type(e).__name__}: {e}")
+
+    def _settle(self, chain: Chain, call: _Call, result: str | _Failed) -> None:
+        if isinstance(result, _Failed):
+            self._fail(chain, call.reply, result.error)
             return
         chain.consecutive_failures = 0
         chain.record.n_steps += 1
-        chain.record.calls.append(record)
-        chain.record.messages.append(Message(role="assistant", content=reply))
+        chain.record.calls.append(CallRecord(name=call.name, arguments=call.kwargs, output=result))
+        chain.record.messages.append(Message(role="assistant", content=call.reply))
         if chain.env.stopped:
             chain.record.stop_reason = "stop"
             return
-        chain.record.messages.append(Message(role="user", content=output))
+        chain.record.messages.append(Message(role="user", content=result))
         if chain.n_steps >= self.limits.max_steps:
             chain.record.stop_reason = "step_limit"
-
-    def _execute(self, chain: Chain, reply: str) -> tuple[str, CallRecord]:
-        call = parse_call(reply, self.limits.max_reply_chars)
-        fn = chain.functions.get(call.name)
-        if fn is None:
-            names = ", ".join(chain.functions)
-            raise FunctionError(f"unknown function {call.name!r}; the functions are: {names}")
-        kwargs = type(fn).bind(call)
-        output = self._cut(valid_text(str(fn(**kwargs))))
-        return output, CallRecord(name=call.name, arguments=kwargs, output=output)
 
     def _cut(self, text: str) -> str:
         limit = self.limits.max_result_chars
@@ -300,24 +355,3 @@ class Agent:
         chain.record.messages.append(Message(role="user", content=self._cut(valid_text(error)), failed=True))
         if chain.consecutive_failures >= self.limits.max_tries:
             chain.record.stop_reason = "try_limit"
-
-
-# ------------------------------------------------------------------------------------- the loop
-
-
-def run_chains(
-    agent: Agent,
-    backend: Backend,
-    problems: Sequence[Problem],
-    samples: int = 1,
-    sampling: SamplingParams | None = None,
-    base_seed: int = 0,
-) -> list[ChainRecord]:
-    """Sample ``samples`` chains per problem, all chains advancing together, one backend call per step."""
-    sampling = sampling or SamplingParams()
-    chains = [agent.new_chain(p, i, chain_seed(base_seed, p.id, i)) for p in problems for i in range(samples)]
-    while active := [c for c in chains if not c.done]:
-        prompts = agent.prompts(active)
-        params = [replace(sampling, seed=step_seed(c)) for c in active]
-        agent.advance(active, backend.generate(prompts, params))
-    return [c.to_record() for c in chains]

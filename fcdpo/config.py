@@ -83,6 +83,12 @@ class SamplingConfig(_Strict):
     seed: int = Field(0, description="base seed; each chain's seed derives from it, the problem id and index")
     shard_size: int = Field(64, ge=1, description="problems per shard (the unit of resumption and fan-out)")
     progress: bool = Field(True, description="show a progress bar while sampling")
+    window: int | None = Field(
+        None,
+        ge=1,
+        description="chains in flight at once (each its own asynchronous loop); null: what the engine "
+        "batches (vLLM: max_num_seqs of its memory plan; openai: its concurrency option)",
+    )
 
     def params(self) -> SamplingParams:
         """The engine's sampling parameters of every reply (each chain's seed is added per step)."""

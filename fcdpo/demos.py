@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fcdpo.agent import Agent, AgentLimits, Demonstration, PromptSpec, run_chains
+from fcdpo.agent import Agent, AgentLimits, Demonstration, PromptSpec
 from fcdpo.backends.base import SamplingParams
 from fcdpo.backends.oracle import OracleBackend
 from fcdpo.problems.base import Problem, ProblemSet
+from fcdpo.rollout import run_chains
 
 
 def demonstrations_from_problems(

@@ -1,6 +1,6 @@
 """Evaluate a model inside the agent loop used for sampling, and compare two evaluations on the same problems.
 
-:func:`evaluate` runs the student's prompt (no demonstrations) through :func:`fcdpo.agent.run_chains`:
+:func:`evaluate` runs the student's prompt (no demonstrations) through :func:`fcdpo.rollout.run_chains`:
 
 - one greedy chain per problem (temperature 0) -> pass@1, with a 95% bootstrap CI over problems;
 - ``k`` sampled chains per problem (optional) -> unbiased pass@j for j = 1..k (Chen et al. 2021);
@@ -23,11 +23,12 @@ from typing import Any
 
 from pydantic import Field
 
-from fcdpo.agent import Agent, AgentLimits, PromptSpec, run_chains
+from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends.base import Backend, SamplingParams
 from fcdpo.labelling import AutoLabeller, Verdict, label_records
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord, write_jsonl
+from fcdpo.rollout import run_chains
 from fcdpo.schema import ConfigModel
 
 

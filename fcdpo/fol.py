@@ -323,8 +323,12 @@ class Theory:
 
 
 class _Z3:
+    """One entailment check's z3 terms, in a z3 context of its own: z3 is thread-safe only across
+    contexts, and the sampler runs prover calls of different chains in parallel threads."""
+
     def __init__(self) -> None:
-        self.sort = z3.DeclareSort("Obj")
+        self.ctx = z3.Context()
+        self.sort = z3.DeclareSort("Obj", self.ctx)
         self.preds: dict[tuple[str, int], z3.FuncDeclRef | z3.BoolRef] = {}
         self.consts: dict[str, z3.ExprRef] = {}
         self.counter = 0
@@ -334,11 +338,11 @@ class _Z3:
             key = (f.pred, len(f.args))
             if not f.args:
                 if key not in self.preds:
-                    self.preds[key] = z3.Bool(f"p_{f.pred}")
+                    self.preds[key] = z3.Bool(f"p_{f.pred}", self.ctx)
                 return self.preds[key]
             if key not in self.preds:
                 self.preds[key] = z3.Function(
-                    f"p_{f.pred}_{len(f.args)}", *[self.sort] * len(f.args), z3.BoolSort()
+                    f"p_{f.pred}_{len(f.args)}", *[self.sort] * len(f.args), z3.BoolSort(self.ctx)
                 )
             return self.preds[key](*[self.term(a, env) for a in f.args])
         if isinstance(f, Not):
@@ -374,7 +378,7 @@ def entails(premises: list[Formula], query: Formula, timeout_ms: int = 2000) -> 
     one ``timeout_ms`` budget; a check without a verdict raises :class:`ProverGaveUp`."""
     deadline = time.monotonic() + timeout_ms / 1000
     t = _Z3()
-    s = z3.Solver()
+    s = z3.Solver(ctx=t.ctx)
     for p in premises:
         s.add(t.conv(p, {}))
     q = t.conv(query, {})

@@ -10,8 +10,9 @@ Re-running a shard skips finished keys. After a kill at any moment, the torn las
 off and its chain re-sampled, so every (problem, sample) ends up in the file exactly once; with the same
 seeds the re-sampled chain is the same chain.
 
-The main loop (``sample_shard``) is the agent's step-synchronous loop with a writer around it: each step
-is one ``backend.generate`` over every active chain.
+The main loop (``sample_shard``) is the asynchronous rollout (``fcdpo.rollout.roll_out``: every chain its
+own loop, a bounded window in flight) with a writer around it: each chain is labelled and appended as it
+finishes, flushed at once and fsynced at most every ``FSYNC_S`` seconds.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from fcdpo.agent import Agent, chain_seed, step_seed
+from fcdpo.agent import Agent, chain_seed
 from fcdpo.backends.base import Backend, SamplingParams
 from fcdpo.hashing import code_version, digest
 from fcdpo.labelling import AutoLabeller, verdict_counts
 from fcdpo.problems.base import ProblemSet
 from fcdpo.records import ChainRecord, read_jsonl, write_jsonl
+from fcdpo.rollout import roll_out, run_sync
 
 
 class ShardSpec(BaseModel):
@@ -107,18 +109,19 @@ class ShardResult:
 
 
 class Progress:
-    """tqdm bar: chains done, chains/s, tokens/s, running accuracy."""
+    """tqdm bar, moving chain by chain: chains/s, tokens/s, chains in flight, running accuracy."""
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
         self.bar = None
         self.t0 = time.perf_counter()
-        self.tokens = 0
-        self.correct = 0
-        self.finished = 0
+        self.tokens = self.correct = self.finished = self.started = 0
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="chain", dynamic_ncols=True)
+
+    def start(self) -> None:
+        self.started += 1
 
     def update(self, finished: int, correct: int, tokens: int) -> None:
         self.finished += finished
@@ -128,13 +131,46 @@ class Progress:
             dt = max(time.perf_counter() - self.t0, 1e-9)
             acc = self.correct / self.finished if self.finished else 0.0
             self.bar.set_postfix_str(
-                f"{self.finished / dt:.2f} chains/s, {self.tokens / dt:.0f} tok/s, acc {acc:.1%}"
+                f"{self.finished / dt:.2f} chains/s, {self.tokens / dt:.0f} tok/s, "
+                f"{self.started - self.finished} in flight, acc {acc:.1%}",
+                refresh=False,
             )
             self.bar.update(finished)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class ShardWriter:
+    """Labels each finished chain and appends it to the shard file: flushed at once (a kill loses at most
+    the line being written, which ``recover`` cuts off), fsynced at most every ``FSYNC_S`` seconds."""
+
+    FSYNC_S = 1.0
+
+    def __init__(self, path: Path, label: AutoLabeller, problems: ProblemSet, bar: Progress):
+        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.label, self.by_id, self.bar = label, problems.by_id(), bar
+        self.written = self.tokens = self.correct = 0
+        self.synced = time.monotonic()
+
+    def write(self, r: ChainRecord) -> None:
+        verdict = self.label(r, self.by_id[r.problem_id]).verdict
+        self.f.write(r.model_copy(update={"verdict": verdict.value}).model_dump_json() + "\n")
+        self.f.flush()
+        if time.monotonic() - self.synced >= self.FSYNC_S:
+            os.fsync(self.f.fileno())
+            self.synced = time.monotonic()
+        ok = verdict == "correct"
+        self.written += 1
+        self.tokens += r.completion_tokens
+        self.correct += ok
+        self.bar.update(1, ok, r.completion_tokens)
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
 
 
 def shard_spec(
@@ -170,9 +206,11 @@ def sample_shard(
     base_seed: int = 0,
     progress: bool = False,
     labeller: AutoLabeller | None = None,
+    window: int | None = None,
 ) -> ShardResult:
     """``samples`` chains for each problem, labelled by ``labeller`` (default: auto, Stop() required) as
-    they finish, appended to the shard file under ``out_dir`` named by the shard's identity."""
+    they finish, appended to the shard file under ``out_dir`` named by the shard's identity. ``window``:
+    chains in flight at once (default: what the backend batches, ``backend.max_in_flight``)."""
     label = labeller or AutoLabeller()
     spec = shard_spec(agent, backend, problems, samples, sampling, base_seed, label)
     out = Path(out_dir)
@@ -190,55 +228,47 @@ def sample_shard(
         os.replace(tmp, manifest)
 
     done = recover(path)
-    by_id = problems.by_id()
-    chains = [
-        agent.new_chain(p, i, chain_seed(base_seed, p.id, i))
+    todo = [
+        (p, i, chain_seed(base_seed, p.id, i))
         for p in problems
         for i in range(samples)
         if (p.id, i) not in done
     ]
     bar = Progress(len(problems) * samples, len(done), progress, f"shard {spec.identity[:8]}")
+    writer = ShardWriter(path, label, problems, bar)
     t0 = time.perf_counter()
-    written = tokens = correct = 0
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            active = [c for c in chains if not c.done]
-            while active:
-                prompts = agent.prompts(active)
-                params = [replace(sampling, seed=step_seed(c)) for c in active]
-                gens = backend.generate(prompts, params)
-                agent.advance(active, gens)
-                step_tokens = sum(g.completion_tokens for g in gens)
-                finished = [c for c in active if c.done]
-                n_ok = 0
-                for c in finished:
-                    r = c.to_record()
-                    verdict = label(r, by_id[r.problem_id]).verdict
-                    n_ok += verdict == "correct"
-                    f.write(r.model_copy(update={"verdict": verdict.value}).model_dump_json() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                written += len(finished)
-                tokens += step_tokens
-                correct += n_ok
-                bar.update(len(finished), n_ok, step_tokens)
-                active = [c for c in active if not c.done]
+        run_sync(roll_out(agent, backend, todo, sampling, writer.write, window, bar.start))
     finally:
+        writer.close()
         bar.close()
     return ShardResult(
         path,
         spec.identity,
         len(problems) * samples,
         len(done),
-        written,
+        writer.written,
         time.perf_counter() - t0,
-        tokens,
-        correct,
+        writer.tokens,
+        writer.correct,
     )
 
 
 def read_shards(results: Sequence[ShardResult]) -> list[ChainRecord]:
-    return [r for res in results for r in res.records()]
+    """The shards' records in shard order, and within a shard in the problem order of its manifest and by
+    sample index (shard files hold them in the order chains finished)."""
+    out = []
+    for res in results:
+        manifest = res.path.with_suffix(".json")
+        order = (
+            {p: k for k, p in enumerate(json.loads(manifest.read_text())["problems"])}
+            if manifest.exists()
+            else {}
+        )
+        out += sorted(
+            res.records(), key=lambda r: (order.get(r.problem_id, len(order)), r.problem_id, r.sample_index)
+        )
+    return out
 
 
 @dataclass

@@ -200,6 +200,7 @@ def sample_shard(shard: ProblemSet, job: SamplingJob, out_dir: str | Path, backe
         s.seed,
         s.progress,
         job.labelling.build(),
+        s.window,
     )
 
 

@@ -121,8 +121,8 @@ def oracle_pairs(out_dir, n=12, samples=6, error_rate=0.4, student=None, max_pai
     problems = ProblemSet.concat(
         "p", [load_source("fol", n=n // 2, seed=5, difficulty="easy"), load_source("arith", n=n // 2, seed=5)]
     )
-    from fcdpo.agent import run_chains
     from fcdpo.labelling import label_records
+    from fcdpo.rollout import run_chains
 
     backend = OracleBackend(list(problems), error_rate=error_rate)
     chains = run_chains(Agent(), backend, list(problems), samples, base_seed=2)

@@ -8,12 +8,12 @@ from fcdpo.agent import (
     PromptBuilder,
     PromptSpec,
     chain_seed,
-    run_chains,
 )
 from fcdpo.backends import Backend, CallableBackend, Generation, SamplingParams
 from fcdpo.backends.oracle import OracleBackend
 from fcdpo.problems import Problem
 from fcdpo.records import Message
+from fcdpo.rollout import run_chains
 from fcdpo.toolsets import TOOLSETS
 
 P = Problem(
@@ -144,16 +144,41 @@ def test_engine_error_aborts_only_that_chain():
     assert recs[1].meta["error"] == "context too long"
 
 
-def test_step_synchronous_batching_advances_all_chains_together():
-    script = {
-        P.question: ["Add(a=2, b=3)", "Answer(5)", "Stop()"],
-        Q.question: ["Subtract(a=10, b=4)", "Stop()"],
-    }
-    backend = Script(script)
-    recs = run_chains(Agent(), backend, [P, Q], samples=8)
-    assert len(recs) == 16
-    # one backend call per step, with every active chain in it: 16, 16, then the 8 longer chains
-    assert backend.batches == [16, 16, 8]
+def test_each_chain_runs_on_its_own_no_chain_waits_for_the_slowest():
+    """The asynchronous loop: a slow chain does not hold the others back (no per-step barrier), the window
+    bounds the chains in flight, and the records come back in (problem, sample) order."""
+    import asyncio
+
+    class Latency(Backend):
+        """P's replies take 0.3 s, Q's 0.01 s (an engine where one sequence is much longer)."""
+
+        def __init__(self):
+            self.in_flight = self.peak = 0
+
+        def generate(self, prompts, params):
+            raise AssertionError("the asynchronous loop calls agenerate")
+
+        async def agenerate(self, prompt, params):
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            await asyncio.sleep(0.3 if P.question in prompt else 0.01)
+            self.in_flight -= 1
+            return Generation(
+                text="Stop()" if "Subtract" in prompt or P.question in prompt else "Subtract(a=10, b=4)"
+            )
+
+    finished = []
+    backend = Latency()
+    recs = run_chains(
+        Agent(), backend, [P, Q], samples=3, window=4, on_done=lambda r: finished.append(r.problem_id)
+    )
+    assert [(r.problem_id, r.sample_index) for r in recs] == [("p1", i) for i in range(3)] + [
+        ("p2", i) for i in range(3)
+    ]
+    assert backend.peak == 4  # the window, not all six chains
+    # the three P chains hold 3 of the 4 places for 0.3 s; the Q chains (two replies each) run through the
+    # fourth place one after another and all finish before the first P chain
+    assert finished.index("p1") >= 3 and finished[:3] == ["p2"] * 3, finished
     agent = Agent()
     chains = [agent.new_chain(P), agent.new_chain(Q)]
     assert len(agent.prompts(chains)) == 2
@@ -161,6 +186,35 @@ def test_step_synchronous_batching_advances_all_chains_together():
     assert chains[0].done and not chains[1].done
     with pytest.raises(RuntimeError, match="already done"):
         agent.advance(chains[:1], ["Stop()"])
+
+
+def test_a_tool_that_hangs_is_cut_off_at_its_deadline():
+    import time
+
+    from fcdpo.toolsets import Function, Toolset
+
+    class Hang(Function):
+        """Sleeps for 4 s (the thread finishes on its own after the chain has moved on)."""
+
+        name = "Hang"
+        example = "Hang()"
+
+        def __call__(self) -> str:
+            time.sleep(4)
+            return "woke"
+
+    TOOLSETS.add("slow-test", Toolset("slow-test", (Hang,), "A function that hangs."))
+    try:
+        prob = Problem(id="h", task="arith", question="Hang please.", answer="1", toolset="slow-test")
+        agent = Agent(limits=AgentLimits(tool_time_s=0.2, max_tries=1))
+        t0 = time.perf_counter()
+        [r] = run_chains(agent, Script({prob.question: ["Hang()"]}), [prob])
+        took = time.perf_counter() - t0
+    finally:
+        TOOLSETS._items.pop("slow-test")
+    assert agent.tool_deadline_s == 1.4 and took < 5, took
+    assert r.stop_reason == "try_limit" and r.n_failed == 1
+    assert r.messages[-1].content == "Error: Hang took longer than 1.4 s and was stopped"
 
 
 def test_chains_have_isolated_state():
@@ -184,7 +238,8 @@ def test_seeds_are_per_chain_per_step_and_reproducible():
     first = list(seen)
     seen.clear()
     b = run_chains(Agent(), backend, [P, Q], samples=4, base_seed=7)
-    assert [r.model_dump() for r in a] == [r.model_dump() for r in b] and seen == first
+    # the same calls, whatever order the chains ran in
+    assert [r.model_dump() for r in a] == [r.model_dump() for r in b] and sorted(seen) == sorted(first)
     assert len({r.seed for r in a}) == 8 and a[0].seed == chain_seed(7, "p1", 0)
     assert len(set(first)) == len(first)  # every reply of every chain had its own seed
     c = run_chains(Agent(), backend, [P, Q], samples=4, base_seed=8)

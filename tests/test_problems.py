@@ -5,12 +5,13 @@ from collections import Counter
 
 import pytest
 
-from fcdpo.agent import Agent, AgentLimits, run_chains
+from fcdpo.agent import Agent, AgentLimits
 from fcdpo.backends.oracle import OracleBackend
 from fcdpo.fol import entails, parse_formula
 from fcdpo.labelling import AutoLabeller
 from fcdpo.problems import Problem, ProblemFileError, ProblemSet, load_source, split_of
 from fcdpo.problems.fol_gen import GENERIC, Lit, Rule, Theory, reason
+from fcdpo.rollout import run_chains
 
 
 @pytest.fixture(scope="module")

@@ -148,3 +148,59 @@ def test_sigkill_at_several_points_then_resume_gives_every_key_once(tmp_path):
         p.name for p in (tmp_path / "ref").glob("*.jsonl")
     )
     assert all(Path(f).read_text().endswith("\n") for f in out.glob("*.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    """The simulated engine (fcdpo.simserver) in a process of its own on a free port; 20% of requests fail
+    (a 503, a reply slower than the client's timeout, a connection closed without an answer, in turn)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fcdpo.simserver", "--problems", "arith:n=6,seed=3+fol:n=6,seed=3,difficulty=easy",
+         "--port", str(port), "--max-batch", "16", "--step-s", "0.002", "--per-seq-s", "0.0001",
+         "--fail-rate", "0.2", "--hang-s", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        assert "simulated engine" in server.stdout.readline()
+        yield url
+        with urllib.request.urlopen(f"{url}/stats", timeout=5) as r:
+            faults = json.load(r)["faults"]
+        assert all(n > 0 for n in faults.values()), faults  # every kind of fault was served
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_faults_at_20_percent_still_give_every_chain_once_and_the_same_chains(simulated, tmp_path):
+    """Through real HTTP with 5xx, timeouts and dropped connections: the run completes, every (problem,
+    sample) is written once, and the chains are the ones the same seeds give without any fault."""
+    from fcdpo.backends.openai_backend import OpenAIBackend
+    from fcdpo.problems import ProblemSet
+
+    problems = ProblemSet.concat(
+        "sim", [load_source("arith", n=6, seed=3), load_source("fol", n=6, seed=3, difficulty="easy")]
+    )
+    be = OpenAIBackend(
+        "simulated", simulated, concurrency=16, timeout_s=1.0, backoff_s=0.01, max_backoff_s=0.05
+    )
+    agent = Agent(limits=AgentLimits(max_steps=12), model_id="simulated")
+    res = sample_shard(agent, be, problems, 5, SamplingParams(), tmp_path)
+    recs = list(read_jsonl(res.path))
+    keys = sorted((r.problem_id, r.sample_index) for r in recs)
+    assert keys == sorted((p.id, i) for p in problems for i in range(5)) and res.sampled == 60
+    assert be.retries > 0 and all(r.stop_reason != "aborted" for r in recs)
+    # the same seeds without faults: the oracle policy in-process
+    from fcdpo.rollout import run_chains
+
+    oracle = OracleBackend(list(problems), error_rate=0.3, model_id="simulated")
+    clean = run_chains(agent, oracle, list(problems), 5)
+    by_key = {(r.problem_id, r.sample_index): r for r in recs}
+    assert all(by_key[(c.problem_id, c.sample_index)].messages == c.messages for c in clean)
+    assert {r.verdict for r in recs} >= {"correct", "wrong_answer"}

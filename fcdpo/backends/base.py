@@ -6,6 +6,7 @@ Backends are registered by name in ``fcdpo.backends.BACKENDS``. A backend with `
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,22 @@ class Backend(ABC):
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
         """One generation per prompt, in order. A per-prompt failure is a Generation with ``error`` set."""
 
+    # chains the asynchronous sampler keeps in flight by default (fcdpo.rollout); engines say what they batch
+    max_in_flight: int = 256
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        """One generation, awaited (the asynchronous sampler's call). This default gathers the calls waiting
+        at the same moment into one :meth:`generate` in a worker thread, so a synchronous backend still
+        batches and the event loop (and the tools) keep running meanwhile."""
+        loop = asyncio.get_running_loop()
+        batcher = self.__dict__.get("_batcher")
+        if batcher is None or batcher.loop is not loop:
+            batcher = self.__dict__["_batcher"] = _Batcher(self, loop)
+        return await batcher.submit(prompt, params)
+
+    async def release(self) -> None:  # noqa: B027 - optional hook
+        """Close what this backend holds on the running event loop (the sampler calls it as its loop ends)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources."""
 
@@ -56,6 +73,43 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Batcher:
+    """The calls to one backend waiting on one event loop, sent as one ``generate`` at a time."""
+
+    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop):
+        self.backend, self.loop = backend, loop
+        self.pending: list[tuple[Prompt, SamplingParams, asyncio.Future[Generation]]] = []
+        self.draining = False
+
+    async def submit(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        fut: asyncio.Future[Generation] = self.loop.create_future()
+        self.pending.append((prompt, params, fut))
+        if not self.draining:
+            self.draining = True
+            self.loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                await asyncio.sleep(0)  # every chain ready at this moment joins the batch
+                batch, self.pending = self.pending, []
+                try:
+                    gens = await asyncio.to_thread(
+                        self.backend.generate, [b[0] for b in batch], [b[1] for b in batch]
+                    )
+                except Exception as e:  # the engine failed: every caller of this batch sees it
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (*_, fut), gen in zip(batch, gens, strict=True):
+                    if not fut.done():
+                        fut.set_result(gen)
+        finally:
+            self.draining = False
 
 
 class CallableBackend(Backend):

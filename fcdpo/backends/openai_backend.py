@@ -1,8 +1,10 @@
 """The ``openai`` backend: any OpenAI-compatible completions / chat-completions endpoint.
 
 Use it for a remote teacher: ``vllm serve`` (or ``python -m vllm.entrypoints.openai.api_server``) on a
-GPU box, or a hosted 70B model. Each chain's request carries its own seed; requests of one step run
-concurrently. Transient failures (5xx, 429, timeouts, connection resets) are retried with exponential
+GPU box, or a hosted 70B model. Each chain's request carries its own seed. Requests are asynchronous: one
+``aiohttp`` session per event loop (httpx's asynchronous pool served 43 requests/s at 256 in flight where
+aiohttp served 305, against the same local server), at most ``concurrency`` in flight (the sampler's default window), each
+returned as soon as the server answers it. Transient failures (5xx, 429, timeouts, connection resets) are retried with exponential
 backoff and jitter; any other 4xx is a clear error at once. The API key is read from the environment
 variable named by ``api_key_env`` and never appears in logs, reprs or error messages; neither does a
 ``user:password@`` in ``base_url`` (sent as basic auth, shown as ``***@``). A server that is not on this
@@ -12,15 +14,14 @@ fails at once instead of sending unauthenticated requests.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
 from fcdpo.errors import DeterministicError
@@ -71,19 +72,35 @@ class OpenAIBackend(Backend):
                 f"{api_key_env} (backend option api_key_env names another one; api_key_required: false for "
                 "a server that takes no key)"
             )
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(
-            headers=headers,
-            auth=httpx.BasicAuth(*auth) if auth and not key else None,
-            timeout=timeout_s,
-            limits=httpx.Limits(max_connections=concurrency),
-        )
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._auth = aiohttp.BasicAuth(*auth) if auth and not key else None
+        self.timeout_s = timeout_s
+        self.concurrency = concurrency
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, asyncio.Semaphore]] = {}
+
+    @property
+    def max_in_flight(self) -> int:  # type: ignore[override]
+        return self.concurrency
 
     def __repr__(self) -> str:  # no key in here
         return f"OpenAIBackend(model={self.model_id!r}, base_url={self.shown_url!r})"
 
-    def _request(self, prompt: Prompt, p: SamplingParams) -> Generation:
+    def _client(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+        """This event loop's client and its in-flight bound (a client belongs to the loop it was made on)."""
+        loop = asyncio.get_running_loop()
+        for old in [k for k in self._clients if k.is_closed()]:
+            del self._clients[old]
+        if loop not in self._clients:
+            client = aiohttp.ClientSession(
+                headers=self._headers,
+                auth=self._auth,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+            )
+            self._clients[loop] = (client, asyncio.Semaphore(self.concurrency))
+        return self._clients[loop]
+
+    async def agenerate(self, prompt: Prompt, p: SamplingParams) -> Generation:
         body: dict[str, Any] = {
             "model": self.served,
             "max_tokens": p.max_tokens,
@@ -97,23 +114,26 @@ class OpenAIBackend(Backend):
             url, body["prompt"] = f"{self.base_url}/completions", prompt
         else:
             url, body["messages"] = f"{self.base_url}/chat/completions", prompt
+        client, bound = self._client()
         rng = random.Random(p.seed)
         for attempt in range(self.max_retries + 1):
             try:
-                r = self._client.post(url, json=body)
-            except (httpx.TimeoutException, httpx.TransportError) as e:
+                async with bound, client.post(url, json=body) as r:
+                    status = r.status
+                    data = await r.json(content_type=None) if status < 400 else await r.text()
+            except (TimeoutError, aiohttp.ClientError, ValueError) as e:  # ValueError: a torn JSON body
                 reason = f"{type(e).__name__}"
             else:
-                if r.status_code < 400:
-                    return self._parse(r.json())
-                if r.status_code not in RETRY_STATUS:
-                    raise BackendError(f"{self._shown(url)} answered {r.status_code}: {r.text[:300]}")
-                reason = f"HTTP {r.status_code}"
+                if status < 400:
+                    return self._parse(data)
+                if status not in RETRY_STATUS:
+                    raise BackendError(f"{self._shown(url)} answered {status}: {data[:300]}")
+                reason = f"HTTP {status}"
             if attempt == self.max_retries:
                 raise BackendError(f"{self._shown(url)} failed {self.max_retries + 1} times; last: {reason}")
             self.retries += 1
             delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-            time.sleep(delay * (0.5 + rng.random() / 2))
+            await asyncio.sleep(delay * (0.5 + rng.random() / 2))
         raise AssertionError("unreachable")
 
     def _shown(self, url: str) -> str:
@@ -132,8 +152,21 @@ class OpenAIBackend(Backend):
         )
 
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
-        return list(self._pool.map(self._request, prompts, params))
+        """All requests at once (bounded by ``concurrency``), on an event loop of this call's own."""
+        from fcdpo.rollout import run_sync
+
+        async def all_of_them() -> list[Generation]:
+            try:
+                return list(await asyncio.gather(*map(self.agenerate, prompts, params)))
+            finally:
+                await self.release()
+
+        return run_sync(all_of_them())
+
+    async def release(self) -> None:
+        made = self._clients.pop(asyncio.get_running_loop(), None)
+        if made:
+            await made[0].close()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        self._clients.clear()  # each client's loop has ended; its connections close with it

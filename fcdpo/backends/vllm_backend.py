@@ -18,10 +18,14 @@ chunked, and every chain carries its own seed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import os
+import queue
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -153,6 +157,7 @@ class VLLMBackend(Backend):
         self.chat = resolved.has_chat_template
         self.max_model_len = o.max_model_len
         self.lora_request = None
+        self._stepper: _Stepper | None = None
         try:
             self.llm = LLM(
                 model=str(resolved.path),
@@ -182,55 +187,141 @@ class VLLMBackend(Backend):
             return prompt
         return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
-    def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
+    def _too_long(self, text: str, p: SamplingParams) -> Generation | None:
+        """A prompt longer than the context fails its whole batch in vLLM: abort just that chain. Tokens
+        never outnumber characters here, so only long prompts need counting."""
+        budget = self.max_model_len - p.max_tokens
+        if len(text) > budget and len(self.tokenizer.encode(text)) > budget:
+            return Generation(text="", finish_reason="error", error=f"prompt longer than {budget} tokens")
+        return None
+
+    @staticmethod
+    def _vsp(p: SamplingParams) -> Any:
         from vllm import SamplingParams as VSP
 
+        return VSP(
+            temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed, stop=list(p.stop)
+        )
+
+    @staticmethod
+    def _generation(o: Any) -> Generation:
+        c = o.outputs[0]
+        return Generation(
+            text=c.text,
+            prompt_tokens=len(o.prompt_token_ids or ()),
+            completion_tokens=len(c.token_ids),
+            finish_reason=c.finish_reason or "stop",
+        )
+
+    def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
+        if self._stepper is not None and self._stepper.busy:
+            raise RuntimeError("generate() while asynchronous requests are in flight on this engine")
         texts = [self._text(p) for p in prompts]
-        results: list[Generation | None] = [None] * len(texts)
-        todo = []
-        for i, (text, p) in enumerate(zip(texts, params, strict=True)):
-            # a prompt longer than the context would fail the whole batch in vLLM: abort just that chain.
-            # Tokens never outnumber characters here, so only long prompts need counting.
-            budget = self.max_model_len - p.max_tokens
-            if len(text) > budget and len(self.tokenizer.encode(text)) > budget:
-                results[i] = Generation(
-                    text="", finish_reason="error", error=f"prompt longer than {budget} tokens"
-                )
-            else:
-                todo.append(i)
+        results = [self._too_long(t, p) for t, p in zip(texts, params, strict=True)]
+        todo = [i for i, r in enumerate(results) if r is None]
         if todo:
-            sps = [
-                VSP(
-                    temperature=params[i].temperature,
-                    top_p=params[i].top_p,
-                    max_tokens=params[i].max_tokens,
-                    seed=params[i].seed,
-                    stop=list(params[i].stop),
-                )
-                for i in todo
-            ]
             outs = self.llm.generate(
-                [texts[i] for i in todo], sps, use_tqdm=False, lora_request=self.lora_request
+                [texts[i] for i in todo],
+                [self._vsp(params[i]) for i in todo],
+                use_tqdm=False,
+                lora_request=self.lora_request,
             )
             for i, o in zip(todo, outs, strict=True):
-                c = o.outputs[0]
-                results[i] = Generation(
-                    text=c.text,
-                    prompt_tokens=len(o.prompt_token_ids or ()),
-                    completion_tokens=len(c.token_ids),
-                    finish_reason=c.finish_reason or "stop",
-                )
+                results[i] = self._generation(o)
         return [r for r in results if r is not None]
+
+    @property
+    def max_in_flight(self) -> int:  # type: ignore[override]
+        """The sequences the engine batches (max_num_seqs of the memory plan)."""
+        return self.memory.sequences
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        """Continuous batching: the request joins the engine's running batch at its next step and returns
+        as soon as it finishes, whatever the other requests are doing."""
+        text = self._text(prompt)
+        if (failed := self._too_long(text, params)) is not None:
+            return failed
+        if self._stepper is None:
+            self._stepper = _Stepper(self.llm.llm_engine)
+        fut = asyncio.get_running_loop().create_future()
+        self._stepper.submit(text, self._vsp(params), self.lora_request, fut)
+        return self._generation(await fut)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
+        if self._stepper is not None:
+            self._stepper.stop()
+            self._stepper = None
         self.llm = None
         with contextlib.suppress(Exception):  # already down
             llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+class _Stepper:
+    """Drives one vLLM engine from a thread of its own: requests from any event loop are added to the
+    engine between steps, and each one's future is resolved (on its loop) the moment it finishes. The
+    engine is touched only by this thread."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+        self.ids = itertools.count()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="fcdpo-vllm-stepper", daemon=True)
+        self.thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or not self.inbox.empty()
+
+    def submit(self, text: str, params: Any, lora: Any, fut: asyncio.Future) -> None:
+        self.inbox.put((text, params, lora, fut, asyncio.get_running_loop()))
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.inbox.put(None)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                # wait for work only when the engine has none
+                item = self.inbox.get() if not self.waiting else self._poll()
+                while item is not None:
+                    text, params, lora, fut, loop = item
+                    rid = f"fcdpo-{next(self.ids)}"
+                    self.waiting[rid] = (fut, loop)
+                    self.engine.add_request(rid, text, params, lora_request=lora)
+                    item = self._poll()
+                if self.waiting:
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in self.waiting:
+                            fut, loop = self.waiting.pop(out.request_id)
+                            loop.call_soon_threadsafe(_resolve, fut, out, None)
+            except Exception as e:  # the engine failed: every waiting request sees the error
+                for fut, loop in self.waiting.values():
+                    loop.call_soon_threadsafe(_resolve, fut, None, e)
+                self.waiting.clear()
+
+    def _poll(self) -> Any:
+        try:
+            return self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+
+def _resolve(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
 
 
 def server_command(

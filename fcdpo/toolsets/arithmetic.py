@@ -16,6 +16,7 @@ def _inputs(*xs: float) -> None:
 
 class Add(Function):
     description = "Add two numbers and return a + b."
+    blocking = False
     example = "Add(a=2, b=-3)"
 
     def __call__(self, a: float, b: float) -> str:
@@ -25,6 +26,7 @@ class Add(Function):
 
 class Subtract(Function):
     description = "Subtract two numbers and return a - b."
+    blocking = False
     example = "Subtract(a=10, b=4)"
 
     def __call__(self, a: float, b: float) -> str:
@@ -34,6 +36,7 @@ class Subtract(Function):
 
 class Multiply(Function):
     description = "Multiply two numbers and return a * b."
+    blocking = False
     example = "Multiply(a=6, b=7)"
 
     def __call__(self, a: float, b: float) -> str:
@@ -43,6 +46,7 @@ class Multiply(Function):
 
 class Divide(Function):
     description = "Divide two numbers and return a / b."
+    blocking = False
     example = "Divide(a=12, b=4)"
 
     def __call__(self, a: float, b: float) -> str:

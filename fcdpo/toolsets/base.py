@@ -97,6 +97,9 @@ class Function:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     example: ClassVar[str] = ""
+    # may take long (a solver, I/O): the asynchronous sampler runs it in a thread, cut off at a deadline.
+    # Functions that only compute on their arguments say False and run inline, without the thread hop.
+    blocking: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -172,6 +175,7 @@ class Function:
 
 class Reasoning(Function):
     description = "Write down one step of your reasoning in words before you act."
+    blocking = False
     example = 'Reasoning(reasoning="I need to add the two amounts")'
 
     def __call__(self, reasoning: str) -> str:
@@ -180,6 +184,7 @@ class Reasoning(Function):
 
 class Answer(Function):
     description = "Give your final answer to the problem."
+    blocking = False
     example = "Answer(value=5)"
 
     def __call__(self, value: float | str | bool) -> str:
@@ -190,6 +195,7 @@ class Answer(Function):
 
 class Stop(Function):
     description = "Stop after you have given your answer."
+    blocking = False
     example = "Stop()"
 
     def __call__(self) -> str:

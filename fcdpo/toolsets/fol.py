@@ -20,6 +20,7 @@ def _theory(fn: Function) -> Theory:
 
 class Premise(Function):
     description = "State one premise of the problem as a first-order-logic formula. " + SYNTAX_HELP
+    blocking = False  # parses and checks arities; no solver
     example = 'Premise(statement="forall x: Cat(x) implies Mammal(x)")'
 
     def __call__(self, statement: str) -> str:

@@ -1,0 +1,112 @@
+"""Asynchronous multi-turn rollouts: every chain is its own loop.
+
+    render the prompt -> await the engine -> parse the reply, run the call off the event loop -> append
+    the result -> ... until Stop() or a limit
+
+A bounded window of chains is in flight at once (``window``; default what the backend can batch); a chain
+that finishes frees its place for the next one at once, so the engine never waits for the slowest chain of
+a step. Chains are made as places free up, so memory holds ``window`` chains however many are sampled.
+Each chain's replies are seeded from its own seed and step (``fcdpo.agent.step_seed``), never from the
+order chains run in: the same seeds give the same chains on deterministic backends.
+
+The backend decides how concurrent calls become batches (``Backend.agenerate``): vLLM adds each request to
+its running batch (continuous batching, prefix caching), the OpenAI backend keeps a bounded window of
+HTTP requests in flight, other backends batch the calls waiting at the same moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+from fcdpo.agent import Agent, chain_seed, step_seed
+from fcdpo.backends.base import Backend, SamplingParams
+from fcdpo.problems.base import Problem
+from fcdpo.records import ChainRecord
+
+T = TypeVar("T")
+# tools run here, off the event loop: enough threads that a few slow prover calls don't stall the rest
+TOOL_THREADS = 8
+
+
+async def roll_out(
+    agent: Agent,
+    backend: Backend,
+    todo: Iterable[tuple[Problem, int, int]],
+    sampling: SamplingParams,
+    on_done: Callable[[ChainRecord], None],
+    window: int | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> None:
+    """Run a chain for each ``(problem, sample index, seed)`` of ``todo``, at most ``window`` at once;
+    ``on_done`` gets each chain's record as it finishes (in finishing order), ``on_start`` is called as
+    each chain starts."""
+    pending = iter(todo)
+    tools = concurrent.futures.ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="fcdpo-tool")
+
+    async def place() -> None:  # one place in the window: runs chains one after another
+        for problem, index, seed in pending:
+            chain = agent.new_chain(problem, index, seed)
+            if on_start:
+                on_start()
+            while not chain.done:
+                prompt = chain.builder.render(chain.problem, chain.messages)
+                reply = await backend.agenerate(prompt, replace(sampling, seed=step_seed(chain)))
+                await agent.astep(chain, reply, tools)
+            on_done(chain.to_record())
+
+    try:
+        await asyncio.gather(*(place() for _ in range(max(1, window or backend.max_in_flight))))
+    finally:
+        tools.shutdown(wait=False, cancel_futures=True)
+        await backend.release()
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to its end from synchronous code, also where an event loop is already running in
+    this thread (a notebook, an async Prefect task): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="fcdpo-rollout")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def run_chains(
+    agent: Agent,
+    backend: Backend,
+    problems: Sequence[Problem],
+    samples: int = 1,
+    sampling: SamplingParams | None = None,
+    base_seed: int = 0,
+    window: int | None = None,
+    on_done: Callable[[ChainRecord], None] | None = None,
+) -> list[ChainRecord]:
+    """``samples`` chains per problem, rolled out asynchronously; the records in (problem, sample) order."""
+    records: dict[tuple[str, int], ChainRecord] = {}
+
+    def done(r: ChainRecord) -> None:
+        records[(r.problem_id, r.sample_index)] = r
+        if on_done:
+            on_done(r)
+
+    todo = [(p, i, chain_seed(base_seed, p.id, i)) for p in problems for i in range(samples)]
+    run_sync(roll_out(agent, backend, todo, sampling or SamplingParams(), done, window))
+    return [records[(p.id, i)] for p, i, _ in todo]
