@@ -39,6 +39,7 @@ class EvalConfig(ConfigModel):
     seed: int = Field(0, description="base seed of the pass@k samples and of the bootstrap")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples for the CIs")
     confidence: float = Field(0.95, gt=0, lt=1, description="CI level")
+    progress: bool = Field(True, description="show a progress bar while evaluating")
     adapter_mode: str = Field(
         "merged",
         description="how an adapter is served by vLLM: merged (a merged copy cached by hash; fastest on "
@@ -168,14 +169,36 @@ def evaluate(
 ) -> EvalResult:
     """Greedy pass@1 (+ sampled pass@k) of ``backend`` on ``problems`` in the sampling agent loop, labelled
     by ``labeller`` (default: auto, Stop() required)."""
+    from fcdpo.sampling import Progress
+
     cfg = cfg or EvalConfig()
     agent = Agent(prompt or PromptSpec(), limits, model_id=backend.model_id, chat=backend.chat)
     by_id = {p.id: p for p in problems}
-    greedy = label_records(run_chains(agent, backend, problems, 1, cfg.greedy_params()), by_id, labeller)
-    sampled: list[ChainRecord] = []
-    if cfg.k:
-        chains = run_chains(agent, backend, problems, cfg.k, cfg.sampled_params(), cfg.seed)
-        sampled = label_records(chains, by_id, labeller)
+    label = labeller or AutoLabeller()
+    bar = Progress(len(problems) * (1 + cfg.k), 0, cfg.progress, "evaluate")
+
+    def done(r: ChainRecord) -> None:  # the bar moves chain by chain, with the running accuracy
+        bar.update(1, label(r, by_id[r.problem_id]).verdict == "correct", r.completion_tokens)
+
+    try:
+        greedy = run_chains(
+            agent, backend, problems, 1, cfg.greedy_params(), on_done=done, on_start=bar.start
+        )
+        sampled: list[ChainRecord] = []
+        if cfg.k:
+            sampled = run_chains(
+                agent,
+                backend,
+                problems,
+                cfg.k,
+                cfg.sampled_params(),
+                cfg.seed,
+                on_done=done,
+                on_start=bar.start,
+            )
+    finally:
+        bar.close()
+    greedy, sampled = label_records(greedy, by_id, label), label_records(sampled, by_id, label)
     return EvalResult(backend.model_id, greedy, sampled, summarise(greedy, sampled, cfg.k, cfg))
 
 

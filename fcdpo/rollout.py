@@ -98,6 +98,7 @@ def run_chains(
     base_seed: int = 0,
     window: int | None = None,
     on_done: Callable[[ChainRecord], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> list[ChainRecord]:
     """``samples`` chains per problem, rolled out asynchronously; the records in (problem, sample) order."""
     records: dict[tuple[str, int], ChainRecord] = {}
@@ -108,5 +109,5 @@ def run_chains(
             on_done(r)
 
     todo = [(p, i, chain_seed(base_seed, p.id, i)) for p in problems for i in range(samples)]
-    run_sync(roll_out(agent, backend, todo, sampling or SamplingParams(), done, window))
+    run_sync(roll_out(agent, backend, todo, sampling or SamplingParams(), done, window, on_start))
     return [records[(p.id, i)] for p, i, _ in todo]

@@ -41,23 +41,27 @@ class CostModel:
     max_batch: int = 256
     step_s: float = 0.020
     per_seq_s: float = 0.0003
-    prefill_s_per_token: float = 0.00002
+    # a chain's new tokens per turn (its reply and the result) are few beside the cached prefix: off by default
+    prefill_s_per_token: float = 0.0
 
     @property
     def capacity_tokens_per_s(self) -> float:
         return self.max_batch / (self.step_s + self.per_seq_s * self.max_batch)
 
 
-@dataclass
 class _Request:
-    tokens: int
-    prefill_tokens: int
-    done: asyncio.Future
-    joined: bool = False
+    """A request in the engine: tokens still to generate, prompt tokens to prefill when it joins."""
+
+    __slots__ = ("done", "joined", "prefill_tokens", "tokens")
+
+    def __init__(self, tokens: int, prefill_tokens: int, done: asyncio.Future):
+        self.tokens, self.prefill_tokens, self.done, self.joined = tokens, prefill_tokens, done, False
 
 
 @dataclass
 class Stats:
+    """What the engine served (``GET /stats``)."""
+
     requests: int = 0
     tokens: int = 0
     steps: int = 0

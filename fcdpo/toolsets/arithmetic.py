@@ -14,9 +14,14 @@ def _inputs(*xs: float) -> None:
         check_number(x, "input")
 
 
-class Add(Function):
-    description = "Add two numbers and return a + b."
+class _Arithmetic(Function):
+    """Computes on its arguments only: runs inline in the asynchronous sampler."""
+
     blocking = False
+
+
+class Add(_Arithmetic):
+    description = "Add two numbers and return a + b."
     example = "Add(a=2, b=-3)"
 
     def __call__(self, a: float, b: float) -> str:
@@ -24,9 +29,8 @@ class Add(Function):
         return _result(a + b)
 
 
-class Subtract(Function):
+class Subtract(_Arithmetic):
     description = "Subtract two numbers and return a - b."
-    blocking = False
     example = "Subtract(a=10, b=4)"
 
     def __call__(self, a: float, b: float) -> str:
@@ -34,9 +38,8 @@ class Subtract(Function):
         return _result(a - b)
 
 
-class Multiply(Function):
+class Multiply(_Arithmetic):
     description = "Multiply two numbers and return a * b."
-    blocking = False
     example = "Multiply(a=6, b=7)"
 
     def __call__(self, a: float, b: float) -> str:
@@ -44,9 +47,8 @@ class Multiply(Function):
         return _result(a * b)
 
 
-class Divide(Function):
+class Divide(_Arithmetic):
     description = "Divide two numbers and return a / b."
-    blocking = False
     example = "Divide(a=12, b=4)"
 
     def __call__(self, a: float, b: float) -> str:
