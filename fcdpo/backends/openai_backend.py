@@ -72,8 +72,13 @@ class OpenAIBackend(Backend):
                 f"{api_key_env} (backend option api_key_env names another one; api_key_required: false for "
                 "a server that takes no key)"
             )
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._auth = aiohttp.BasicAuth(*auth) if auth and not key else None
+        self._headers = (
+            {"Authorization": f"Bearer {key}"}
+            if key
+            else {"Authorization": aiohttp.encode_basic_auth(*auth)}
+            if auth
+            else {}
+        )
         self.timeout_s = timeout_s
         self.concurrency = concurrency
         self._clients: dict[asyncio.AbstractEventLoop, tuple[aiohttp.ClientSession, asyncio.Semaphore]] = {}
@@ -93,7 +98,6 @@ class OpenAIBackend(Backend):
         if loop not in self._clients:
             client = aiohttp.ClientSession(
                 headers=self._headers,
-                auth=self._auth,
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 connector=aiohttp.TCPConnector(limit=self.concurrency),
             )
