@@ -86,7 +86,8 @@ class SamplingConfig(_Strict):
     window: int | None = Field(
         None,
         ge=1,
-        description="chains in flight at once (each its own asynchronous loop); null: what the engine "
+        description="requests in the engine at once, each from a chain of its own (every chain its own "
+        "asynchronous loop; window // 8 spare chains run their calls meanwhile); null: what the engine "
         "batches (vLLM: max_num_seqs of its memory plan; openai: its concurrency option)",
     )
 

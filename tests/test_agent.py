@@ -167,15 +167,22 @@ def test_each_chain_runs_on_its_own_no_chain_waits_for_the_slowest():
                 text="Stop()" if "Subtract" in prompt or P.question in prompt else "Subtract(a=10, b=4)"
             )
 
-    finished = []
+    finished, started, chains_in_flight = [], [], []
     backend = Latency()
+
+    def start():
+        started.append(1)
+        chains_in_flight.append(len(started) - len(finished))
+
     recs = run_chains(
-        Agent(), backend, [P, Q], samples=3, window=4, on_done=lambda r: finished.append(r.problem_id)
-    )
+        Agent(), backend, [P, Q], samples=3, window=4, on_done=lambda r: finished.append(r.problem_id),
+        on_start=start,
+    )  # fmt: skip
     assert [(r.problem_id, r.sample_index) for r in recs] == [("p1", i) for i in range(3)] + [
         ("p2", i) for i in range(3)
     ]
     assert backend.peak == 4  # the window, not all six chains
+    assert max(chains_in_flight) == 5  # the window and one spare chain (spare_chains(4) == 1)
     # the three P chains hold 3 of the 4 places for 0.3 s; the Q chains (two replies each) run through the
     # fourth place one after another and all finish before the first P chain
     assert finished.index("p1") >= 3 and finished[:3] == ["p2"] * 3, finished

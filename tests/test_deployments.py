@@ -25,6 +25,7 @@ from conftest import (
     check_mlflow_record,
     expected_outputs,
     run_outputs,
+    simulated_engine,
     summary_results,
     tiny_run_config,
 )
@@ -416,3 +417,44 @@ def test_fcdpo_up_detach_prints_urls_and_down_stops_them(tmp_path):
     from flows.cli import _alive
 
     assert not any(_alive(pid) for pid in pids.values())
+
+
+def test_deployment_executor_samples_at_scale_through_the_simulated_engine(servers, tmp_path, tiny_model):
+    """The deployment executor fans a ~2,000-chain sampling run out as shard flow runs on the gpu pool's
+    worker; the teacher is the openai backend against the simulated engine (real HTTP, a batching engine's
+    timing, 5% of requests failing as 503s, hangs and dropped connections). Every (problem, sample) is
+    written exactly once, the summary counts them, and the pairs are built from them."""
+    sources = "fol:n=30,seed=4,difficulty=easy+arith:n=30,seed=4,steps=1"
+    samples = 50
+    with simulated_engine(sources, "--max-batch", "128", "--fail-rate", "0.05", "--hang-s", "8") as sim:
+        cfg = _config(
+            tmp_path, tiny_model, servers,
+            **{
+                "name": "sim-scale",
+                "stages": ["sample", "pairs"],
+                "orchestration.executor": "deployment",
+                "problems.sources": [
+                    {"source": "fol", "params": {"n": 30, "seed": 4, "difficulty": "easy"}},
+                    {"source": "arith", "params": {"n": 30, "seed": 4, "steps": 1}},
+                ],
+                "teacher.backend": "openai",
+                "teacher.model": "simulated",
+                "teacher.backend_options": {"base_url": sim["url"], "concurrency": 64, "timeout_s": 5},
+                "teacher.sampling.samples_per_problem": samples,
+                "teacher.sampling.shard_size": 12,
+            },
+        )  # fmt: skip
+        run = wait(servers, trigger(servers, "pipeline/pipeline", {"config": cfg}), timeout=600)
+    assert run.state.type.value == "COMPLETED", run.state.message
+    shard_runs = [r for r in child_flow_runs(servers, "sample-shard/sample-shard") if "sim-scale" in r.name]
+    shards = sorted((tmp_path / "runs" / "sim-scale" / "shards").glob("shard-*.jsonl"))
+    assert len(shards) >= 3 and [r.state_name for r in shard_runs] == ["Completed"] * len(shards)
+    keys, problems = [], []
+    for f in shards:
+        keys += [(r["problem_id"], r["sample_index"]) for r in map(json.loads, f.read_text().splitlines())]
+        problems += json.loads(f.with_suffix(".json").read_text())["problems"]
+    assert sorted(keys) == sorted((p, i) for p in problems for i in range(samples))  # each exactly once
+    assert len(keys) >= 1500
+    summary = json.loads((tmp_path / "runs" / "sim-scale" / "summary.json").read_text())
+    assert summary["chains"] == len(keys) and summary["pairs"] > 0
+    assert sim["stats"]["requests"] >= 2 * len(keys) and sum(sim["stats"]["faults"].values()) > 0

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import simulated_engine
 
 import fcdpo.sampling as sampling_mod
 from fcdpo.agent import Agent, AgentLimits, Demonstration, PromptSpec
@@ -154,28 +155,12 @@ def test_sigkill_at_several_points_then_resume_gives_every_key_once(tmp_path):
 def simulated():
     """The simulated engine (fcdpo.simserver) in a process of its own on a free port; 20% of requests fail
     (a 503, a reply slower than the client's timeout, a connection closed without an answer, in turn)."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fcdpo.simserver", "--problems", "arith:n=6,seed=3+fol:n=6,seed=3,difficulty=easy",
-         "--port", str(port), "--max-batch", "16", "--step-s", "0.002", "--per-seq-s", "0.0001",
-         "--fail-rate", "0.2", "--hang-s", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        assert "simulated engine" in server.stdout.readline()
-        yield url
-        with urllib.request.urlopen(f"{url}/stats", timeout=5) as r:
-            faults = json.load(r)["faults"]
-        assert all(n > 0 for n in faults.values()), faults  # every kind of fault was served
-    finally:
-        server.terminate()
-        server.wait(10)
+    with simulated_engine(
+        "arith:n=6,seed=3+fol:n=6,seed=3,difficulty=easy",
+        "--max-batch", "16", "--step-s", "0.002", "--per-seq-s", "0.0001", "--fail-rate", "0.2", "--hang-s", "3",
+    ) as sim:  # fmt: skip
+        yield sim["url"]
+    assert all(n > 0 for n in sim["stats"]["faults"].values()), sim["stats"]  # every kind of fault was served
 
 
 def test_faults_at_20_percent_still_give_every_chain_once_and_the_same_chains(simulated, tmp_path):
