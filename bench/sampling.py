@@ -34,6 +34,52 @@ import time
 from dataclasses import replace
 
 
+class EngineTrace:
+    """Times each step of a vLLM engine and counts, per finished request, the prompt tokens it had to
+    compute (not held by the prefix cache) and the tokens it generated."""
+
+    def __init__(self, engine):
+        self.engine, self.step = engine, engine.step
+        self.steps: list[tuple[float, int]] = []  # (seconds, requests running)
+        self.requests: list[tuple[int, int, int]] = []  # (prompt tokens, computed, generated)
+        self.running: set[str] = set()
+        last = [time.perf_counter()]
+
+        def step():
+            n = len(self.running)
+            outs = self.step()
+            now = time.perf_counter()
+            self.steps.append((now - last[0], n))
+            last[0] = now
+            for o in outs:
+                if o.finished:
+                    self.running.discard(o.request_id)
+                    p = len(o.prompt_token_ids or ())
+                    self.requests.append((p, p - (o.num_cached_tokens or 0), len(o.outputs[0].token_ids)))
+            return outs
+
+        add = engine.add_request
+
+        def add_request(request_id, *a, **kw):
+            self.running.add(request_id)
+            return add(request_id, *a, **kw)
+
+        engine.step, engine.add_request = step, add_request
+
+    def stop(self) -> None:
+        del self.engine.step, self.engine.add_request  # back to the class's methods
+
+    def full_batch_step_ms(self, window: int) -> float:
+        full = [s for s, n in self.steps if n >= window]
+        return round(1000 * sum(full) / len(full), 1) if full else 0.0
+
+    def share_at(self, window: int) -> float:
+        return round(sum(s for s, n in self.steps if n >= window) / sum(s for s, _ in self.steps), 3)
+
+    def per_request(self, field: int) -> float:
+        return round(sum(r[field] for r in self.requests) / max(1, len(self.requests)), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -83,12 +129,14 @@ def main() -> None:
     # warm-up (first calls compile/allocate), not timed
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
 
+    trace = EngineTrace(be.llm.llm_engine)
     with tempfile.TemporaryDirectory() as d:
         res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
         batched_s, tokens = res.seconds, res.completion_tokens
         n_chains = res.sampled
         recs = res.records()
     agent_tps = tokens / batched_s
+    trace.stop()
 
     # the step-synchronous loop this sampler replaced vs the sampler, on the same chains and seeds
     sub = ProblemSet("sub", tuple(rest)[: max(1, args.sync_chains // args.samples)])
@@ -124,8 +172,10 @@ def main() -> None:
     ]
     be.llm.reset_prefix_cache()
     t0 = time.perf_counter()
+    raw_trace = EngineTrace(be.llm.llm_engine)
     outs = be.llm.generate(first, raw_params, use_tqdm=False)
     raw_s = time.perf_counter() - t0
+    raw_trace.stop()
     raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     raw_tps = raw_tokens / raw_s
 
@@ -170,6 +220,13 @@ def main() -> None:
                 "window": args.window,
                 "sync_chains": len(sub_recs),
                 "naive_chains": len(naive_problems),
+                # where the agent's time goes: each request of a turn prefills what the prefix cache does not
+                # hold (the last partial KV block, the reply, the function's result), beside the decoding
+                "agent_full_batch_step_ms": trace.full_batch_step_ms(args.window),
+                "raw_full_batch_step_ms": raw_trace.full_batch_step_ms(args.window),
+                "agent_steps_at_full_batch": trace.share_at(args.window),
+                "prefill_tokens_per_request": trace.per_request(1),
+                "generated_tokens_per_request": trace.per_request(2),
                 "mean_steps": round(sum(r.n_steps + r.n_failed for r in recs) / len(recs), 2),
                 "engine_start_s": round(start_s, 1),
                 "block_size": args.block_size,

