@@ -75,20 +75,29 @@ def sample(args, out: Path, url: str, kill_at: int | None, marks: list[int]) -> 
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     peak, rss_at, running = 0.0, {}, []
+    last = 0.0
     while proc.poll() is None:
         time.sleep(0.5)
-        peak = max(peak, rss_mb(proc.pid))
+        rss = rss_mb(proc.pid)  # 0 once the process has exited
+        peak, last = max(peak, rss), rss or last
         done = chains_on_disk(out)
         for m in marks:
-            if m not in rss_at and done >= m:
-                rss_at[m] = round(rss_mb(proc.pid), 1)
+            if m not in rss_at and done >= m and rss:
+                rss_at[m] = round(rss, 1)
         s = stats(url)
         running.append(s["running_now"])
         if kill_at is not None and done >= kill_at:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            return {"killed_at_chains": chains_on_disk(out), "seconds": time.monotonic() - t0}
+            return {
+                "killed_at_chains": chains_on_disk(out),
+                "seconds": time.monotonic() - t0,
+                "rss_mb_at": rss_at,
+                "peak_rss_mb": round(peak, 1),
+            }
     stdout, stderr = proc.communicate()
+    for m in marks:  # a mark reached only by the last chains: the RSS of the last look
+        rss_at.setdefault(m, round(last, 1))
     if proc.returncode:
         raise RuntimeError(f"fcdpo sample failed:\n{stderr[-3000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
@@ -123,9 +132,12 @@ def main() -> None:
             out = Path(d) / "shards"
             rng = random.Random(args.seed)
             t0 = time.monotonic()
-            killed = sample(args, out, url, kill_at=int(total * rng.uniform(0.2, 0.6)), marks=[])
+            marks = [m for m in (10_000, total // 2, total) if m <= total]
+            killed = sample(args, out, url, kill_at=int(total * rng.uniform(0.2, 0.6)), marks=marks)
             print(f"SIGKILL after {killed['seconds']:.0f} s, {killed['killed_at_chains']} chains on disk")
-            run = sample(args, out, url, kill_at=None, marks=[m for m in (10_000, total) if m <= total])
+            run = sample(
+                args, out, url, kill_at=None, marks=[m for m in marks if m > killed["killed_at_chains"]]
+            )
             wall = time.monotonic() - t0
             s = stats(url)
             # exactly once: every (problem, sample) one line, none twice, none missing
@@ -167,8 +179,8 @@ def main() -> None:
                     "chains_per_s": run["chains_per_s"],
                     "capacity_chains_per_s": round(capacity_cps, 1),
                     "capacity_ratio": round(run["chains_per_s"] / capacity_cps, 3),
-                    "rss_mb_at_chains": run["rss_mb_at"],
-                    "peak_rss_mb": run["peak_rss_mb"],
+                    "rss_mb_at_chains": {**killed["rss_mb_at"], **run["rss_mb_at"]},
+                    "peak_rss_mb": max(killed["peak_rss_mb"], run["peak_rss_mb"]),
                     "pairs": pairs.n_pairs,
                     "pairs_seconds": round(pairs_s, 1),
                     "wall_seconds": round(wall, 1),
