@@ -6,8 +6,9 @@
 A bounded window of requests is in the engine at once (``window``; default what the backend can batch); a
 chain that finishes frees its place for the next one at once, so the engine never waits for the slowest
 chain of a step. A few spare chains (``window // 8``, at least one) run beside them: while a chain parses
-its reply and runs its call, a spare one takes its place in the engine, so the engine's batch stays full
-(without them, the simulated engine of ``bench/scale.py`` ran 93% full at a 20 ms step). Chains are made
+its reply and runs its call, a spare one can take its place in the engine. (Measured with
+``bench/scale.py`` on 2 cores: 93% of the window in flight without them, 91.5% with them; there the sampler's
+own CPU, shared with the simulated server, is the limit, not the turnaround.) Chains are made
 as places free up, so memory holds ``window + spare`` chains however many are sampled.
 Each chain's replies are seeded from its own seed and step (``fcdpo.agent.step_seed``), never from the
 order chains run in: the same seeds give the same chains on deterministic backends.
