@@ -115,12 +115,45 @@ class TeacherConfig(_Strict):
         return EngineSpec(self.backend, self.model, self.backend_options, "teacher.backend_options")
 
 
+class RoundsConfig(_Strict):
+    """Rounds after the first (iterative DPO / RPO): the student of round k-1 samples its own chains."""
+
+    reference: Literal["original", "previous"] = Field(
+        "original",
+        description="reference model of rounds >= 2: original (the untrained student; training continues "
+        "the previous round's adapter) or previous (the previous round's policy, merged; a fresh adapter on it)",
+    )
+    keep_pairs: bool = Field(
+        False, description="train round k on the pairs of every round so far, not only round k's own"
+    )
+    samples_per_problem: int | None = Field(
+        None,
+        ge=1,
+        description="chains the student samples per training problem each round; null = the teacher's",
+    )
+    problems: Literal["all", "split"] = Field(
+        "all",
+        description="which training problems rounds >= 2 sample: all of them each round, or split (the "
+        "training problems divided into one disjoint part per round)",
+    )
+    temperature: float = Field(0.7, ge=0, description="temperature of the student's on-policy chains")
+
+
 class StudentConfig(_Strict):
     model: str = Field("gemma-3-270m", description="model name, HF id or local path")
     prompt: PromptSpec = Field(default_factory=PromptSpec, description="student prompt: no demonstrations")
     backend: str = Field("vllm", description="backend that serves the student for evaluation")
     backend_options: dict[str, Any] = Field(default_factory=dict, description="backend keyword arguments")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="DPO + LoRA settings")
+    rounds: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="training rounds: round 1 learns from the teacher's chains; each later round, the "
+        "previous round's student samples chains on the training problems in its own prompt (on-policy), "
+        "they are labelled and paired, and training continues from it (see round)",
+    )
+    round: RoundsConfig = Field(default_factory=RoundsConfig, description="how rounds >= 2 run")
 
     @field_validator("prompt")
     @classmethod
@@ -175,6 +208,12 @@ STAGE_NEEDS = {"pairs": "sample", "train": "pairs"}
 class RunConfig(_Strict):
     name: str = Field("default", description="run name, used in output paths")
     out_dir: str = Field("runs", description="where run outputs are written")
+    shared_dir: str | None = Field(
+        None,
+        description="null: stage outputs go in the run folder (out_dir/name). A folder: each stage's output "
+        "goes there in a folder named by a hash of the stage's inputs, so runs that share upstream stages "
+        "share their outputs and cached results (what `fcdpo experiment` sets for its arms)",
+    )
     problems: ProblemsConfig
     agent: AgentLimits = Field(default_factory=AgentLimits, description="agent loop limits")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -268,7 +307,8 @@ def _expanded_size(node: yaml.Node | None, memo: dict[int, int] | None = None) -
     return size
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """A YAML mapping and its node tree (for line numbers); errors name the file and line."""
     path = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -294,17 +334,34 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(path, 1, "", "the config must be a mapping")
+    return data, node
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """``key=value`` strings (dotted keys, YAML values) set into ``data``."""
     for ov in overrides:
         key, sep, raw = ov.partition("=")
         if not sep:
             raise ConfigError("--set", None, ov, "expected key=value")
         _set(data, key.strip(), yaml.safe_load(raw))
+
+
+def validate(model: type[ConfigModel], data: dict[str, Any], path: str, node: yaml.Node | None) -> Any:
+    """``model`` from ``data``; the first error names the file, the line and the field."""
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(err["loc"])
         field = ".".join(str(x) for x in loc)
         msg = err["msg"].removeprefix("Value error, ")
+        if msg == "Extra inputs are not permitted":
+            msg = "unknown key (no such setting here)"
         more = f" (and {len(e.errors()) - 1} more errors)" if len(e.errors()) > 1 else ""
         raise ConfigError(path, _line_of(node, loc), field, msg + more) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    data, node = read_yaml(path)
+    apply_overrides(data, overrides)
+    return validate(RunConfig, data, str(path), node)

@@ -27,7 +27,7 @@ from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends.base import Backend, SamplingParams
 from fcdpo.labelling import AutoLabeller, Verdict, label_records
 from fcdpo.problems.base import Problem
-from fcdpo.records import ChainRecord, write_jsonl
+from fcdpo.records import ChainRecord, read_jsonl, write_jsonl
 from fcdpo.rollout import run_chains
 from fcdpo.schema import ConfigModel
 
@@ -40,6 +40,11 @@ class EvalConfig(ConfigModel):
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples for the CIs")
     confidence: float = Field(0.95, gt=0, lt=1, description="CI level")
     progress: bool = Field(True, description="show a progress bar while evaluating")
+    extra_sets: list[str] = Field(
+        [],
+        description="your own problem files (JSONL, the jsonl source's format) every student is also "
+        "evaluated on, reported beside the held-out split under the file's name",
+    )
     adapter_mode: str = Field(
         "merged",
         description="how an adapter is served by vLLM: merged (a merged copy cached by hash; fastest on "
@@ -111,6 +116,15 @@ class EvalResult:
         if self.sampled:
             write_jsonl(self.sampled, out / "sampled.jsonl")
         (out / "metrics.json").write_text(json.dumps({"model": self.model_id, **self.metrics}, indent=2))
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> EvalResult:
+        """What :meth:`save` wrote to ``out_dir``."""
+        out = Path(out_dir)
+        metrics = json.loads((out / "metrics.json").read_text())
+        model_id = metrics.pop("model", "")
+        sampled = list(read_jsonl(out / "sampled.jsonl")) if (out / "sampled.jsonl").is_file() else []
+        return cls(model_id, list(read_jsonl(out / "greedy.jsonl")), sampled, metrics, out)
 
 
 def task_metrics(

@@ -47,8 +47,10 @@ SEVERITY = {Verdict.WRONG_ANSWER: 1, Verdict.NO_ANSWER: 2, Verdict.STEP_LIMIT: 3
 
 
 class PairsConfig(ConfigModel):
-    strategy: Literal["all", "best_vs_worst"] | str = Field(
-        "all", description="registered pair strategy: all (D_w x D_l, optionally capped) or best_vs_worst"
+    strategy: Literal["all", "best_vs_worst", "random_pair"] | str = Field(
+        "all",
+        description="registered pair strategy: all (D_w x D_l, optionally capped), best_vs_worst, or "
+        "random_pair (one seeded random correct x incorrect pair per prompt)",
     )
     max_pairs_per_prompt: int | None = Field(
         4,
@@ -119,6 +121,14 @@ def best_vs_worst(
         best = min(g.correct, key=lambda c: (c[FAILED], c[STEPS], c[INDEX]))
         worst = max(g.incorrect, key=lambda c: (SEVERITY[Verdict(c[VERDICT])], c[FAILED], -c[INDEX]))
         yield best, worst
+
+
+@PAIR_STRATEGIES.register("random_pair")
+def random_pair(
+    g: PromptGroup, cfg: PairsConfig, rng: random.Random
+) -> Iterator[tuple[Candidate, Candidate]]:
+    if g.correct and g.incorrect:
+        yield rng.choice(g.correct), rng.choice(g.incorrect)
 
 
 class PairBuilder:
@@ -202,6 +212,24 @@ class PairBuilder:
                     "rejected_verdict": lose[VERDICT],
                 }
 
+    def correct_rows(self) -> Iterator[dict[str, Any]]:
+        """Every (deduplicated) correct chain in the student's prompt, for the SFT baseline (rejection-sampling
+        fine-tuning): from every prompt with a correct chain, contrast or not."""
+        for pid in sorted(self.groups):
+            g = self.groups[pid]
+            builder = self.builder(g.problem.toolset)
+            prompt = builder.initial(g.problem)
+            for c in g.correct:
+                yield {
+                    "prompt": prompt,
+                    "completion": self._render(builder, c[TEXT]),
+                    "messages": c[TEXT],
+                    "toolset": g.problem.toolset,
+                    "problem_id": pid,
+                    "task": g.problem.task,
+                    "sample": c[INDEX],
+                }
+
     @staticmethod
     def _render(builder: PromptBuilder, turns_json: str):
         return builder.completion(decode_turns(turns_json))
@@ -234,14 +262,20 @@ class PairsResult:
     n_pairs: int
     n_prompts: int
     counts: list[dict[str, Any]]
+    n_correct: int = 0
 
     @property
     def parquet(self) -> Path:
         return self.out_dir / "pairs.parquet"
 
+    @property
+    def correct_parquet(self) -> Path:
+        """Every correct chain in the student's prompt (``PairBuilder.correct_rows``): the SFT baseline's data."""
+        return self.out_dir / "correct.parquet"
+
     def files(self) -> list[Path]:
         """The files this result stands for (a cached result whose files are gone is recomputed)."""
-        return [self.parquet]
+        return [self.parquet, self.correct_parquet]
 
     def per_task(self) -> dict[str, int]:
         """Pairs per task."""
@@ -259,7 +293,8 @@ class PairsResult:
 def write_pairs(
     builder: PairBuilder, out_dir: str | Path, save_dataset: bool = True, batch_size: int = 2048
 ) -> PairsResult:
-    """Stream the builder's pairs to ``out_dir/pairs.parquet`` (+ ``counts.jsonl``, ``dataset/``).
+    """Stream the builder's pairs to ``out_dir/pairs.parquet`` (+ ``correct.parquet``, ``counts.jsonl``,
+    ``dataset/``).
 
     Written into a temporary folder beside ``out_dir`` and renamed at the end: no half-written output.
     """
@@ -299,6 +334,13 @@ def write_pairs(
             pq.write_table(empty, str(tmp / "pairs.parquet"))
         else:
             writer.close()
+        correct = list(builder.correct_rows())
+        table = (
+            pa.Table.from_pylist(correct)
+            if correct
+            else pa.table({c: pa.array([], pa.string()) for c in ("prompt", "completion", "problem_id")})
+        )
+        pq.write_table(table, str(tmp / "correct.parquet"))
         counts = builder.counts(per_prompt)
         with open(tmp / "counts.jsonl", "w") as f:
             for c in counts:
@@ -313,7 +355,7 @@ def write_pairs(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PairsResult(out_dir, n, len(per_prompt), counts)
+    return PairsResult(out_dir, n, len(per_prompt), counts, len(correct))
 
 
 def build_pairs(
@@ -328,3 +370,32 @@ def build_pairs(
     """Label (where needed) and pair streamed chain records, and write the pairs."""
     builder = PairBuilder(problems, student, config, labeller)
     return write_pairs(builder.add_all(records), out_dir, save_dataset)
+
+
+def concat_pairs(results: Iterable[PairsResult], out_dir: str | Path) -> PairsResult:
+    """Several pair sets as one (later rounds training on every round's pairs so far): ``pairs.parquet``,
+    ``correct.parquet`` and ``counts.jsonl`` concatenated in order; written whole or not at all."""
+    results = list(results)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name in ("pairs.parquet", "correct.parquet"):
+            tables = [pq.read_table(str(r.out_dir / name)) for r in results if (r.out_dir / name).is_file()]
+            tables = [t for t in tables if t.num_rows] or tables[:1]
+            pq.write_table(pa.concat_tables(tables, promote_options="default"), str(tmp / name))
+        counts = [c for r in results for c in r.counts]
+        (tmp / "counts.jsonl").write_text("".join(json.dumps(c) + "\n" for c in counts))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PairsResult(
+        out_dir,
+        sum(r.n_pairs for r in results),
+        sum(r.n_prompts for r in results),
+        counts,
+        sum(r.n_correct for r in results),
+    )

@@ -75,3 +75,47 @@ def pass_at_k_curves(before: dict[str, Any], after: dict[str, Any], path: str | 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def accuracy_by_arm(arms: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """Grouped bars: each arm's final greedy pass@1 per task, with bootstrap CI error bars."""
+    plt = _plt()
+    tasks = sorted({t for m in arms.values() for t in m})
+    fig, ax = plt.subplots(figsize=(2.0 + 1.2 * len(tasks) * max(1, len(arms)) / 2, 3.8))
+    width = 0.8 / max(1, len(arms))
+    for i, (arm, m) in enumerate(arms.items()):
+        xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(tasks))]
+        acc = [m[t]["accuracy"] if t in m else 0.0 for t in tasks]
+        err = [
+            [a - m[t]["ci"][0] if t in m else 0.0 for a, t in zip(acc, tasks, strict=True)],
+            [m[t]["ci"][1] - a if t in m else 0.0 for a, t in zip(acc, tasks, strict=True)],
+        ]
+        ax.bar(xs, acc, width, yerr=err, capsize=3, label=arm)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("greedy pass@1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("accuracy by arm (95% bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def accuracy_by_round(arms: dict[str, list[dict[str, float]]], path: str | Path, task: str = "all") -> Path:
+    """One line per arm: ``task`` accuracy after each training round."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for arm, rounds in arms.items():
+        pts = [(k + 1, r[task]) for k, r in enumerate(rounds) if task in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=arm)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"greedy pass@1 ({task})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("accuracy by round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

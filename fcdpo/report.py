@@ -46,6 +46,51 @@ class TrainingSummary(BaseModel):
     steps: int
 
 
+class RoundSummary(BaseModel):
+    """One training round: who sampled its chains, what it trained on, and its student's held-out accuracy."""
+
+    round: int
+    sampled_by: str
+    chains: int
+    correct_chains: int
+    pairs: int
+    training_seconds: float
+    steps: int
+    accuracy: dict[str, float] = {}
+    difference: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def of(cls, r: Any, before: EvalResult | None, ev: Any) -> RoundSummary:
+        """``r``: a ``fcdpo.stages.RoundResult``; ``difference``: its student vs the untrained one, per task."""
+        from fcdpo.evaluation import compare
+
+        acc = {t: m["accuracy"] for t, m in r.evaluation.metrics.items()} if r.evaluation else {}
+        diff = compare(before, r.evaluation, ev) if before and r.evaluation else {}
+        return cls(
+            round=r.round,
+            sampled_by=r.sampled_by,
+            chains=r.chains.chains if r.chains else 0,
+            correct_chains=r.chains.correct if r.chains else 0,
+            pairs=r.pairs.n_pairs,
+            training_seconds=round(r.trained.seconds, 1),
+            steps=r.trained.steps,
+            accuracy=acc,
+            difference=diff,
+        )
+
+
+class ExtraSetSummary(BaseModel):
+    """A user's own evaluation set (``evaluation.extra_sets``): per task before/after and their comparison."""
+
+    before: dict[str, dict[str, Any]]
+    after: dict[str, dict[str, Any]]
+    comparison: dict[str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, before: EvalResult, after: EvalResult, comparison: dict[str, Any]) -> ExtraSetSummary:
+        return cls(before=before.metrics, after=after.metrics, comparison=comparison)
+
+
 class TrackingLocation(BaseModel):
     """Where the run is in MLflow, and how to see it."""
 
@@ -76,6 +121,11 @@ class RunSummary(BaseModel):
     engines_started: int = 0
     mlflow: TrackingLocation | None = None
     prefect_flow_run: str | None = None
+    rounds: list[RoundSummary] = []
+    extra_sets: dict[str, ExtraSetSummary] = {}
+    objective: str = ""
+    training_pairs: int = 0
+    eval_dirs: dict[str, str] = {}
 
     @classmethod
     def build(
@@ -148,6 +198,23 @@ class RunSummary(BaseModel):
                 f"| {t} | {n} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {pval} "
                 f"| {format_errors_cell(mb, ma)} | {chains} ({correct}) | {pairs} |"
             )
+        for name, x in self.extra_sets.items():
+            lines += ["", f"extra set `{name}`:", "", "| task | n | before (95% CI) | after (95% CI) "
+                      "| difference (95% CI) | McNemar p | format errors |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for t, c in x.comparison.items():
+                diff, pval = comparison_cells(c)
+                mb, ma = x.before.get(t), x.after.get(t)
+                lines.append(f"| {t} | {c['n']} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {pval} "
+                             f"| {format_errors_cell(mb, ma)} |")  # fmt: skip
+        if self.rounds:
+            names = sorted({t for r in self.rounds for t in r.accuracy})
+            lines += ["", "| round | sampled by | chains (correct) | pairs | " + " | ".join(names) + " |",
+                      "|---|---|---|---|" + "---|" * len(names)]  # fmt: skip
+            for r in self.rounds:
+                cells = " | ".join(f"{r.accuracy[t]:.1%}" if t in r.accuracy else "-" for t in names)
+                lines.append(
+                    f"| {r.round} | {r.sampled_by} | {r.chains} ({r.correct_chains}) | {r.pairs} | {cells} |"
+                )
         lines += ["", "stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items())]
         return "\n".join(lines)
 

@@ -41,7 +41,7 @@ from fcdpo.backends import Backend, EngineSpec, Workload
 from fcdpo.config import ProblemsConfig, RunConfig, StudentConfig, TeacherConfig
 from fcdpo.demos import with_demonstrations
 from fcdpo.evaluation import EvalConfig, EvalResult, evaluate
-from fcdpo.hashing import digest
+from fcdpo.hashing import digest, identity
 from fcdpo.labelling import LabellingConfig
 from fcdpo.models import merge_adapter, resolve_model
 from fcdpo.pairs import PairsConfig, PairsResult
@@ -52,15 +52,21 @@ from fcdpo.training import MetricsSink, TrainResult, train_dpo
 
 __all__ = [
     "EvalJob",
+    "RoundResult",
     "SamplingJob",
     "Split",
     "TeacherPrompt",
     "build_pairs",
     "evaluate_student",
     "gather_chains",
+    "load_extra_sets",
     "load_problems",
+    "round_problems",
+    "round_sampler",
+    "round_student",
     "run_dir",
     "sample_shard",
+    "stage_dir",
     "teacher_prompt",
     "train_student",
 ]
@@ -69,6 +75,19 @@ __all__ = [
 def run_dir(cfg: RunConfig) -> Path:
     """Where a run writes its outputs: ``out_dir/name``."""
     return Path(cfg.out_dir) / cfg.name
+
+
+def stage_dir(cfg: RunConfig, stage: str, *inputs: object) -> Path:
+    """Where a stage writes its output: ``run_dir/stage``; with ``shared_dir`` set (an experiment's arms),
+    ``shared_dir/<stage>-<hash of inputs>``, so two runs whose stage has the same inputs share the folder
+    (and, the folder being part of the cache key, the cached result). Without inputs (the shard files,
+    already named by their identity): ``shared_dir/stage``."""
+    if cfg.shared_dir is None:
+        return run_dir(cfg) / stage
+    name = Path(stage.replace("/", "-"))
+    if not inputs:
+        return Path(cfg.shared_dir) / name
+    return Path(cfg.shared_dir) / f"{name.stem}-{digest(identity(list(inputs)), 16)}{name.suffix}"
 
 
 @dataclass
@@ -119,6 +138,18 @@ def load_problems(cfg: ProblemsConfig) -> Split:
         train.head(cfg.max_train) if cfg.max_train else train,
         test.head(cfg.max_test) if cfg.max_test else test,
     )
+
+
+def load_extra_sets(paths: Sequence[str]) -> dict[str, ProblemSet]:
+    """``evaluation.extra_sets``: each file's problems under its name (the file stem; a bad file fails
+    here, naming its line and field)."""
+    out: dict[str, ProblemSet] = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in out:
+            name = f"{name}-{len(out)}"
+        out[name] = ProblemSet(name, load_source("jsonl", path=path).problems)
+    return out
 
 
 def teacher_prompt(teacher: TeacherConfig, limits: AgentLimits, train: ProblemSet) -> TeacherPrompt:
@@ -223,13 +254,72 @@ def train_student(
     student: StudentConfig,
     out_dir: str | Path,
     callbacks: Sequence[MetricsSink] = (),
+    init_adapter: str | Path | None = None,
 ) -> TrainResult:
-    """LoRA DPO of the student on the pairs; resumes from its last checkpoint in ``out_dir``."""
+    """LoRA DPO (or the SFT baseline, ``training.objective``) of the student on the pairs; resumes from its
+    last checkpoint in ``out_dir``. ``init_adapter``: continue an earlier round's adapter."""
     model = resolve_model(student.model)
     return train_dpo(
         pairs_parquet, model.path, out_dir, student.training, student.prompt,
-        model_id=model.model_id, model_hash=model.weights_hash, callbacks=callbacks,
+        model_id=model.model_id, model_hash=model.weights_hash, callbacks=callbacks, init_adapter=init_adapter,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ rounds
+
+
+@dataclass
+class RoundResult:
+    """One training round: who sampled its chains, its pairs, the adapter trained on them (applied to
+    ``base``), the student it makes, and that student's evaluation on the held-out problems."""
+
+    round: int
+    sampled_by: str
+    chains: ChainsResult | None
+    pairs: PairsResult
+    trained: TrainResult
+    base: str
+    evaluation: EvalResult | None = None
+
+    def student(self) -> Path:
+        """This round's student as one model folder (base + adapter merged; cached by content hash)."""
+        return merge_adapter(resolve_model(self.base), self.trained.adapter_dir).path
+
+
+def round_problems(train: ProblemSet, k: int, cfg: StudentConfig) -> ProblemSet:
+    """The training problems round ``k`` (>= 2) samples: all of them, or its own part of a split into one
+    disjoint part per round (``student.round.problems``)."""
+    if cfg.round.problems == "all":
+        return train
+    parts = cfg.rounds
+    return ProblemSet(f"{train.name}[round {k}]", tuple(p for i, p in enumerate(train) if i % parts == k - 1))
+
+
+def round_sampler(cfg: RunConfig, policy: Path) -> TeacherConfig:
+    """The student of the last round as the sampler of the next (on-policy: its own zero-shot prompt, the
+    student's backend, ``student.round`` chains per problem and temperature)."""
+    r, s = cfg.student.round, cfg.teacher.sampling
+    return TeacherConfig(
+        model=str(policy),
+        backend=cfg.student.backend,
+        backend_options=cfg.student.backend_options,
+        prompt=cfg.student.prompt,
+        n_demonstrations=0,
+        sampling=s.model_copy(
+            update={
+                "samples_per_problem": r.samples_per_problem or s.samples_per_problem,
+                "temperature": r.temperature,
+            }
+        ),
+    )
+
+
+def round_student(cfg: RunConfig, previous: RoundResult) -> tuple[StudentConfig, Path | None]:
+    """What round k trains: the original model continuing the previous adapter (reference: the original),
+    or the previous round's merged student with a fresh adapter (reference: the previous policy)."""
+    if cfg.student.round.reference == "original":
+        return cfg.student, previous.trained.adapter_dir
+    return cfg.student.model_copy(update={"model": str(previous.student())}), None
 
 
 def evaluate_student(test: ProblemSet, job: EvalJob, backend: Backend, out_dir: str | Path) -> EvalResult:

@@ -74,6 +74,12 @@ class LoraSettings(ConfigModel):
 class TrainingConfig(ConfigModel):
     """DPO hyper-parameters. The defaults are the CPU pilot's (LoRA r16, sigmoid + SFT term, beta 0.1)."""
 
+    objective: Literal["preference", "sft"] = Field(
+        "preference",
+        description="preference: DPO-family training on the pairs (loss_type picks DPO, IPO, RPO = sigmoid + "
+        "sft); sft: the baseline of supervised fine-tuning on the correct chains only (rejection-sampling "
+        "fine-tuning, TRL's SFTTrainer), tool results masked the same way",
+    )
     loss_type: list[str] = Field(
         ["sigmoid", "sft"],
         description="TRL loss types, summed with loss_weights: sigmoid (DPO), ipo, sft (the NLL term on "
@@ -195,6 +201,31 @@ def tokenize_pair(
     return out
 
 
+def tokenize_correct(tokenizer, rows: Sequence[dict[str, Any]], student: PromptSpec, mask: bool = True):
+    """Correct chains (``PairsResult.correct_parquet`` rows) -> ``input_ids`` + ``labels`` (-100 on the prompt
+    and, with ``mask``, on tool results): the SFT baseline's data, masked exactly as the pairs are."""
+    import datasets
+
+    builders: dict[str, PromptBuilder] = {}
+    out = []
+    for row in rows:
+        ts = row["toolset"]
+        if ts not in builders:
+            builders[ts] = PromptBuilder(TOOLSETS.get(ts), student)
+        pair = {
+            "prompt": row["prompt"],
+            "chosen_messages": row["messages"],
+            "rejected_messages": row["messages"],
+        }
+        t = tokenize_pair(tokenizer, builders[ts], pair, mask)
+        ids = t["prompt_ids"] + t["chosen_ids"]
+        labels = [-100] * len(t["prompt_ids"]) + [
+            i if m else -100 for i, m in zip(t["chosen_ids"], t["chosen_mask"], strict=True)
+        ]
+        out.append({"input_ids": ids, "labels": labels})
+    return datasets.Dataset.from_list(out)
+
+
 def tokenize_pairs(tokenizer, rows: Sequence[dict[str, Any]], student: PromptSpec, mask: bool = True):
     """Every pair row tokenised with its toolset's student prompt builder (a ``datasets.Dataset``)."""
     import datasets
@@ -304,16 +335,11 @@ def _compact_logprobs_on_cpu() -> None:
         tu._fcdpo_compact = True
 
 
-def dpo_args(cfg: TrainingConfig, out_dir: Path, gpu: bool):
-    """Our TRL ``DPOConfig`` for ``cfg`` (the settings the module doc explains)."""
-    from trl import DPOConfig
-
+def _common_args(cfg: TrainingConfig, out_dir: Path, gpu: bool) -> dict[str, Any]:
+    """The ``TrainingArguments`` the DPO and SFT trainers share (the settings the module doc explains)."""
     bf16 = cfg.bf16 if cfg.bf16 is not None else (_bf16_gpu() if gpu else cpu_has_bf16())
-    return DPOConfig(
+    return dict(
         output_dir=str(out_dir / "checkpoints"),
-        loss_type=list(cfg.loss_type),
-        loss_weights=list(cfg.loss_weights) if cfg.loss_weights else None,
-        beta=cfg.beta,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
@@ -326,7 +352,6 @@ def dpo_args(cfg: TrainingConfig, out_dir: Path, gpu: bool):
         data_seed=cfg.seed,
         bf16=bf16,
         gradient_checkpointing=cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else gpu,
-        precompute_ref_log_probs=cfg.precompute_ref,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         logging_steps=cfg.logging_steps,
@@ -336,6 +361,26 @@ def dpo_args(cfg: TrainingConfig, out_dir: Path, gpu: bool):
         dataloader_num_workers=0,
         use_cpu=not gpu,
     )
+
+
+def dpo_args(cfg: TrainingConfig, out_dir: Path, gpu: bool):
+    """Our TRL ``DPOConfig`` for ``cfg``."""
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **_common_args(cfg, out_dir, gpu),
+        loss_type=list(cfg.loss_type),
+        loss_weights=list(cfg.loss_weights) if cfg.loss_weights else None,
+        beta=cfg.beta,
+        precompute_ref_log_probs=cfg.precompute_ref,
+    )
+
+
+def sft_args(cfg: TrainingConfig, out_dir: Path, gpu: bool):
+    """Our TRL ``SFTConfig`` for ``cfg`` (the SFT baseline: pre-tokenised, labels already masked)."""
+    from trl import SFTConfig
+
+    return SFTConfig(**_common_args(cfg, out_dir, gpu), packing=False)
 
 
 def _bf16_gpu() -> bool:
@@ -412,14 +457,20 @@ def train_dpo(
     model_hash: str = "",
     callbacks: Sequence[MetricsSink] = (),
     cache_dir: str | Path | None = None,
+    init_adapter: str | Path | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter with DPO on ``pairs_parquet``; resumes from the last checkpoint in ``out_dir``.
+    """Train a LoRA adapter on ``pairs_parquet``; resumes from the last checkpoint in ``out_dir``.
 
+    ``cfg.objective`` picks DPO-family training on the pairs (``preference``) or the SFT baseline on the
+    correct chains written beside them (``sft``: ``correct.parquet`` in the pairs folder).
     ``model`` is a local HF folder (see ``fcdpo.models.resolve_model``); ``student`` must be the prompt
-    spec the pairs were built with (its format decides transcript vs chat rendering).
+    spec the pairs were built with (its format decides transcript vs chat rendering). ``init_adapter``: a
+    LoRA adapter of ``model`` to continue training (an earlier round's); the reference stays ``model``
+    itself (PEFT's disabled adapter). To make an earlier policy the reference instead, pass its merged
+    copy as ``model`` and no ``init_adapter``.
     """
     import pyarrow.parquet as pq
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -427,21 +478,45 @@ def train_dpo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = on_gpu()
+    sft = cfg.objective == "sft"
     if cfg.compact_logprobs:
         _compact_logprobs_on_cpu()
     t0 = time.perf_counter()
 
     tok = load_tokenizer(model)
     spec = resolve_format(student or PromptSpec(), chat=bool(getattr(tok, "chat_template", None)))
-    rows = pq.read_table(str(pairs_parquet)).to_pylist()
+    data_file = Path(pairs_parquet).with_name("correct.parquet") if sft else Path(pairs_parquet)
+    if sft and not data_file.is_file():
+        raise ValueError(
+            f"{data_file}: no correct chains file (build the pairs again with this fcdpo version)"
+        )
+    rows = pq.read_table(str(data_file)).to_pylist()
     if not rows:
-        raise ValueError(f"{pairs_parquet}: no preference pairs to train on")
-    data = tokenize_pairs(tok, rows, spec, cfg.mask_tool_outputs)
-    memory = memory_plan(model, data, cfg, gpu)  # before the weights are loaded: fail fast
+        what = "correct chains" if sft else "preference pairs"
+        raise ValueError(f"{data_file}: no {what} to train on")
+    if sft:
+        data = tokenize_correct(tok, rows, spec, cfg.mask_tool_outputs)
+        longest = max(min(len(x), cfg.max_length) for x in data["input_ids"])
+        memory = plan_training(model, cfg.batch_size, longest, gpu=gpu).check()
+    else:
+        data = tokenize_pairs(tok, rows, spec, cfg.mask_tool_outputs)
+        memory = memory_plan(model, data, cfg, gpu)  # before the weights are loaded: fail fast
     log.info("training memory: %s", memory.describe())
     model_obj = load_student(model, cfg.quantization, gpu)
-    pairs_digest = file_sha256(pairs_parquet)
-    key = ref_cache_key(pairs_digest, model_hash or str(model), spec, tok, cfg)
+    peft_config = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    if init_adapter is not None:  # continue an earlier round's adapter
+        model_obj = PeftModel.from_pretrained(model_obj, str(init_adapter), is_trainable=True)
+        peft_config = None
+    data_digest = file_sha256(data_file)
+    key = ref_cache_key(data_digest, model_hash or str(model), spec, tok, cfg)
+    if init_adapter is not None:
+        key = digest([key, file_sha256(Path(init_adapter) / "adapter_model.safetensors")], 32)
     cache_root = Path(cache_dir) if cache_dir else out_dir / "ref_logps"
 
     history: list[dict[str, float]] = []
@@ -459,24 +534,28 @@ def train_dpo(
             for sink in callbacks:
                 sink(state.global_step, {k: v for k, v in m.items() if k != "step"})
 
-    peft_config = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    args = dpo_args(cfg, out_dir, gpu)
-    trainer = _trainer_class()(
-        model=model_obj,
-        args=args,
-        train_dataset=data,
-        processing_class=tok,
-        data_collator=preference_collator(tok.pad_token_id, cfg.max_length),
-        peft_config=peft_config,
-        callbacks=[Emit()],
-        ref_cache=cache_root / f"{key}.npz" if cfg.precompute_ref else None,
-    )
+    if sft:
+        from trl import SFTTrainer
+
+        trainer = SFTTrainer(
+            model=model_obj,
+            args=sft_args(cfg, out_dir, gpu),
+            train_dataset=data,
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[Emit()],
+        )
+    else:
+        trainer = _trainer_class()(
+            model=model_obj,
+            args=dpo_args(cfg, out_dir, gpu),
+            train_dataset=data,
+            processing_class=tok,
+            data_collator=preference_collator(tok.pad_token_id, cfg.max_length),
+            peft_config=peft_config,
+            callbacks=[Emit()],
+            ref_cache=cache_root / f"{key}.npz" if cfg.precompute_ref else None,
+        )
     last = get_last_checkpoint(str(out_dir / "checkpoints")) if (out_dir / "checkpoints").exists() else None
     _trim_metrics(out_dir / "metrics.jsonl", int(last.rsplit("-", 1)[1]) if last else 0)
     trainer.train(resume_from_checkpoint=last)
@@ -489,14 +568,16 @@ def train_dpo(
         "base_model": model_id or str(model),
         "base_model_path": str(model),
         "base_model_hash": model_hash,
-        "pairs": str(pairs_parquet),
-        "pairs_digest": pairs_digest,
+        "objective": cfg.objective,
+        "init_adapter": str(init_adapter) if init_adapter is not None else None,
+        "pairs": str(data_file),
+        "pairs_digest": data_digest,
         "n_pairs": len(rows),
         "student_prompt": spec.model_dump(),
         "training": cfg.model_dump(),
         "global_step": trainer.state.global_step,
         "masking": MASKING_VERSION,
-        "ref_logps_key": key,
+        "ref_logps_key": None if sft else key,
     }
     (tmp / "fcdpo_manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(adapter, ignore_errors=True)

@@ -3,6 +3,9 @@
     fcdpo run [--config configs/default.yaml] [--set key=value ...] [--summary-json PATH]
         the pipeline as a Prefect flow (an ephemeral Prefect API unless PREFECT_API_URL names a server),
         ending with the results table and where the run is in MLflow
+    fcdpo experiment [--config configs/experiment.yaml] [--set key=value ...]
+        named arms (configs that differ in any keys) run as pipelines sharing their common stages through
+        the cache, then one comparison report (report.md, comparison.json, PNGs, Prefect artifact, MLflow)
     fcdpo up [--prefect-port 4200] [--mlflow-port 5000] [--detach]
         a local Prefect server and MLflow server on 127.0.0.1; prints both URLs
     fcdpo deploy [--prefect-file deployments/prefect.yaml]
@@ -141,6 +144,37 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
     print(f"outputs: {summary.out_dir}")
     if args.summary_json:
         summary.write(args.summary_json)
+    return 0
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    from fcdpo.config import ConfigError
+    from fcdpo.experiment import load_experiment
+
+    try:
+        exp = load_experiment(args.config, args.set)  # every arm checked before a server starts
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"fcdpo experiment: {args.config}, arms {', '.join(exp.arms)} (baseline {exp.config.baseline})",
+        file=sys.stderr,
+    )
+    server = None if _configured_api_url() else EphemeralAPI()  # stopped at exit, after Prefect's flush
+    from flows.experiment import experiment
+
+    if server is not None:
+        print(f"fcdpo experiment: a temporary Prefect API at {server.url}", file=sys.stderr)
+        server.wait()
+    state = experiment(args.config, args.set, args.tracking_uri, return_state=True)
+    if not state.is_completed():
+        print(f"fcdpo experiment: the flow ended {state.name}: {_cause(state)}", file=sys.stderr)
+        return 1
+    summary = state.result()
+    print()
+    print(summary.report)
+    print(f"engines started: {summary.engines_started}; MLflow run {summary.mlflow_run}")
+    print(f"outputs: {summary.out_dir}")
     return 0
 
 
@@ -456,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri in the config)"
     )
+    x = sub.add_parser("experiment", help="run an experiment's arms and compare them (a Prefect flow)")
+    x.add_argument("--config", default="configs/experiment.yaml")
+    x.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an experiment key"
+    )
+    x.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the base config's)")
     u = sub.add_parser("up", help="start a local Prefect server and MLflow server on 127.0.0.1")
     u.add_argument("--prefect-port", type=int, default=4200)
     u.add_argument("--mlflow-port", type=int, default=5000)
@@ -475,7 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("--config", default="configs/default.yaml")
     dr.add_argument("--no-imports", action="store_true", help="skip importing the engines (faster)")
     args = ap.parse_args(argv)
-    return {"run": run, "up": up, "down": down, "deploy": deploy, "doctor": doctor}[args.cmd](args)
+    commands = {
+        "run": run,
+        "experiment": run_experiment,
+        "up": up,
+        "down": down,
+        "deploy": deploy,
+        "doctor": doctor,
+    }
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from prefect.context import get_run_context
 from fcdpo.config import RunConfig
 from fcdpo.models import model_identity
 from fcdpo.sampling import ShardResult
-from fcdpo.stages import SamplingJob, TeacherPrompt, run_dir
+from fcdpo.stages import SamplingJob, TeacherPrompt, stage_dir
 from tasks.common import Engines, missing_files
 from tasks.stages import sample_shard
 
@@ -47,7 +47,7 @@ def sample_local(
         SamplingJob.of(cfg, teacher.prompt),
         model_identity(cfg.teacher.model, cfg.teacher.backend),
     )
-    out = str(run_dir(cfg) / "shards")
+    out = str(stage_dir(cfg, "shards"))
     results = [
         task(shard, job, teacher_id, out, engines)
         for shard in teacher.shards(cfg.teacher.sampling.shard_size)

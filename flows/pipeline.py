@@ -1,7 +1,9 @@
 """The method as a Prefect flow (arXiv 2410.18890, Fig. 1), one cached task per box:
 
     problems --> teacher samples N chains per problem, each labelled --> pairs D_w x D_l
-             --> evaluate the untrained student --> DPO (LoRA) --> evaluate the trained student --> report
+             --> evaluate the untrained student --> DPO (LoRA) --> evaluate the trained student
+             [--> rounds 2..R: the student samples its own chains --> pairs --> DPO continues --> evaluate]
+             --> report
 
 This is the only place the stages are sequenced: ``fcdpo run``, the ``pipeline`` deployment and the
 scheduled flow all run it; ``config.stages`` chooses which boxes run. Every task is keyed by the content of
@@ -25,78 +27,128 @@ from prefect.context import get_run_context
 from fcdpo.config import RunConfig
 from fcdpo.evaluation import EvalResult, compare
 from fcdpo.models import model_identity
-from fcdpo.report import RunSummary, Stopwatch, write_report
-from fcdpo.stages import EvalJob, Split, run_dir
+from fcdpo.pairs import PairsResult
+from fcdpo.problems import ProblemSet
+from fcdpo.report import ExtraSetSummary, RoundSummary, RunSummary, Stopwatch, write_report
+from fcdpo.sampling import split_shards
+from fcdpo.stages import (
+    EvalJob,
+    RoundResult,
+    SamplingJob,
+    Split,
+    load_extra_sets,
+    round_problems,
+    round_sampler,
+    round_student,
+    run_dir,
+    stage_dir,
+)
 from flows.executors import sample_shards
 from tasks.common import Engines, fresh
 from tasks.stages import (
     build_pairs,
     build_teacher_prompt,
+    concat_pairs,
     evaluate_student,
     gather_chains,
     load_problems,
+    sample_shard,
     train_student,
 )
 from tasks.tracking import Tracker, start_tracker
 
 
 @flow(name="pipeline", log_prints=True, persist_result=True)
-def pipeline(config: RunConfig, tracking_uri: str | None = None) -> RunSummary:
+def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str | None = None) -> RunSummary:
     """Teacher chains -> preference pairs -> DPO of the student -> accuracy before/after.
 
     ``config``: the run configuration (configs/*.yaml); ``tracking_uri``: MLflow tracking URI
-    (default: the config's ``tracking.uri``, $MLFLOW_TRACKING_URI, or sqlite:///mlflow.db)."""
+    (default: the config's ``tracking.uri``, $MLFLOW_TRACKING_URI, or sqlite:///mlflow.db);
+    ``parent_run``: an MLflow run this run's own run is a child of (an experiment's)."""
     cfg, stages, clock, engines, out = config, set(config.stages), Stopwatch(), Engines(), run_dir(config)
     chains = pairs = trained = before = after = comparison = None
+    extra_before: dict[str, EvalResult] = {}
+    extra_results: dict[str, tuple[EvalResult, EvalResult, dict]] = {}
 
     # 1. problems: generated or loaded, split into training and held-out problems by id hash
     #    (a bad problem file fails here: nothing has been written yet and the error is not retried)
     with clock("problems"):
         split = load_problems(cfg.problems)
+        extra = load_extra_sets(cfg.evaluation.extra_sets)  # the user's own evaluation sets
         teacher = build_teacher_prompt(cfg.teacher, cfg.agent, split.train)
     out.mkdir(parents=True, exist_ok=True)
-    tracker = start_tracker(cfg, tracking_uri, split, out / "problems")
+    tracker = start_tracker(cfg, tracking_uri, split, out / "problems", parent_run)
     try:
         # 2. the teacher samples N chains per problem, shard by shard, each labelled as it finishes
         if "sample" in stages:
             with clock("sampling"):
                 shards = sample_shards(cfg, teacher, engines)
-                chains = fresh(gather_chains, shards, str(out / "chains.jsonl"))
+                chains = fresh(gather_chains, shards, str(stage_dir(cfg, "chains.jsonl", shards)))
             tracker.chains(chains)
 
         # 3. preference pairs: every correct x every incorrect chain per prompt (capped)
         if "pairs" in stages:
             with clock("pairs"):
-                args = (chains, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling, str(out / "pairs"))
-                pairs = fresh(build_pairs, *args)
+                args = (chains, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling)
+                pairs = fresh(build_pairs, *args, str(stage_dir(cfg, "pairs", *args)))
             tracker.pairs(pairs)
 
         # 4. the untrained student on the held-out problems (through the teacher's engine if it is the same)
         if "evaluate" in stages:
             with clock("eval_before"):
-                before = _evaluate(cfg, split, None, out / "eval" / "before", engines)
+                before = _evaluate(cfg, split.test, None, "eval/before", engines)
+                extra_before = {
+                    n: _evaluate(cfg, ps, None, f"eval/{n}/before", engines) for n, ps in extra.items()
+                }
         engines.close()  # training needs the memory
 
-        # 5. DPO of the student with LoRA
-        if "train" in stages and _have_pairs(pairs):
+        # 5. DPO of the student with LoRA (or the SFT baseline on the correct chains: training.objective)
+        if "train" in stages and _have_pairs(pairs, cfg):
             with clock("training"):
-                args = (pairs.parquet, cfg.student, student_id(cfg), str(out / "training"), tracker)
-                trained = fresh(train_student, *args)
+                args = (pairs.parquet, cfg.student, student_id(cfg))
+                trained = fresh(train_student, *args, str(stage_dir(cfg, "training", *args)), tracker)
             tracker.adapter(trained, pairs)
 
-        # 6. the trained student: same problems, same agent loop; paired before/after comparison
+        # 6. the trained student: same problems, same agent loop
         if "evaluate" in stages and trained:
             with clock("eval_after"):
-                after = _evaluate(cfg, split, trained.adapter_dir, out / "eval" / "after", engines)
+                after = _evaluate(cfg, split.test, trained.adapter_dir, "eval/after", engines)
+
+        # 7. rounds 2..R (student.rounds): the last round's student samples chains on the training problems
+        #    in its own prompt (on-policy), they are labelled and paired, and training continues from it
+        rounds = (
+            [RoundResult(1, teacher_id(cfg), chains, pairs, trained, cfg.student.model, after)]
+            if trained
+            else []
+        )
+        for k in range(2, cfg.student.rounds + 1 if trained else 0):
+            with clock(f"round_{k}"):
+                rounds.append(_next_round(cfg, split, k, rounds, engines, tracker))
+        if rounds:
+            after = rounds[-1].evaluation
+
+        # 8. the paired before/after comparison of the final student, on the held-out split and on the
+        #    user's extra sets (evaluation.extra_sets)
+        if before and after:
             comparison = compare(before, after, cfg.evaluation)
             write_report(out / "eval", before, after, comparison, trained.history)
+            final, adapter = _final_student(cfg, rounds)
+            with clock("eval_extra"):
+                for n, ps in extra.items():
+                    done = _evaluate(final, ps, adapter, f"eval/{n}/after", engines)
+                    extra_results[n] = extra_before[n], done, compare(extra_before[n], done, cfg.evaluation)
 
-        # 7. one summary: the results table, summary.json, the Prefect artifacts, MLflow
+        # 9. one summary: the results table, summary.json, the Prefect artifacts, MLflow
         flow_run = get_run_context().flow_run
         summary = RunSummary.build(
             cfg.name, out, cfg.stages, (len(split.train), len(split.test)), chains, pairs, trained,
             before, after, comparison, clock, engines_started=engines.started, mlflow=tracker.location(),
             prefect_flow_run=str(flow_run.id) if flow_run else None,
+            rounds=[RoundSummary.of(r, before, cfg.evaluation) for r in rounds] if len(rounds) > 1 else [],
+            extra_sets={n: ExtraSetSummary.of(*r) for n, r in extra_results.items()},
+            objective=cfg.student.training.objective,
+            training_pairs=sum(_used(r.pairs, cfg) for r in rounds),
+            eval_dirs={k: str(v.out_dir) for k, v in (("before", before), ("after", after)) if v and v.out_dir},
         )  # fmt: skip
         _publish(summary, out, tracker)
         return summary
@@ -107,20 +159,84 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None) -> RunSummary:
         engines.close()
 
 
+def _next_round(
+    cfg: RunConfig, split: Split, k: int, done: list[RoundResult], engines: Engines, tracker: Tracker
+) -> RoundResult:
+    """Round ``k``: the previous round's student (merged) samples, its chains are paired (with every earlier
+    round's pairs when ``student.round.keep_pairs``), training continues from it, the new student is
+    evaluated. Every step is a cached task: a finished round is never redone."""
+    r, policy = f"round-{k}", done[-1].student()
+    sampler = round_sampler(cfg, policy)
+    job = SamplingJob(teacher=sampler, limits=cfg.agent, prompt=cfg.student.prompt, labelling=cfg.labelling)
+    policy_id = model_identity(str(policy), sampler.backend)
+    shards_dir = str(stage_dir(cfg, f"{r}/shards", job, policy_id))
+    shards = [
+        sample_shard(shard, job, policy_id, shards_dir, engines)
+        for shard in split_shards(round_problems(split.train, k, cfg.student), sampler.sampling.shard_size)
+    ]
+    chains = fresh(gather_chains, shards, str(stage_dir(cfg, f"{r}/chains.jsonl", shards)))
+    args = (chains, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling)
+    pairs = fresh(build_pairs, *args, str(stage_dir(cfg, f"{r}/pairs", *args)))
+    if cfg.student.round.keep_pairs:
+        so_far = [x.pairs for x in done] + [pairs]
+        pairs = fresh(concat_pairs, so_far, str(stage_dir(cfg, f"{r}/pairs-so-far", so_far)))
+    engines.close()  # training needs the memory
+    student, init = round_student(cfg, done[-1])
+    args = (pairs.parquet, student, model_identity(student.model, student.backend))
+    out = str(stage_dir(cfg, f"{r}/training", *args, init))
+    trained = fresh(train_student, *args, out, tracker.sink(r), init)
+    result = RoundResult(k, policy_id, chains, pairs, trained, student.model)
+    if "evaluate" in cfg.stages:
+        ev = _with_student(cfg, result.student())
+        result.evaluation = _evaluate(ev, split.test, None, f"{r}/eval", engines)
+    tracker.round(result, init)
+    return result
+
+
+def teacher_id(cfg: RunConfig) -> str:
+    """The teacher model's identity in cache keys (name + weights hash)."""
+    return model_identity(cfg.teacher.model, cfg.teacher.backend)
+
+
 def student_id(cfg: RunConfig) -> str:
     """The student model's identity in cache keys (name + weights hash)."""
     return model_identity(cfg.student.model, cfg.student.backend)
 
 
-def _evaluate(cfg: RunConfig, split: Split, adapter: Path | None, out: Path, engines: Engines) -> EvalResult:
-    """The student (base, or base + ``adapter``) on the held-out problems, through the shared engines."""
-    return fresh(evaluate_student, split.test, EvalJob.of(cfg), student_id(cfg), adapter, str(out), engines)
+def _evaluate(
+    cfg: RunConfig, problems: ProblemSet, adapter: Path | None, name: str, engines: Engines
+) -> EvalResult:
+    """The student (base, or base + ``adapter``) on ``problems``, through the shared engines; written to
+    the stage folder ``name`` (e.g. ``eval/before``)."""
+    args = (problems, EvalJob.of(cfg), student_id(cfg), adapter)
+    return fresh(evaluate_student, *args, str(stage_dir(cfg, name, *args)), engines)
 
 
-def _have_pairs(pairs) -> bool:
-    if not pairs.n_pairs:
+def _with_student(cfg: RunConfig, model: Path) -> RunConfig:
+    """``cfg`` with a trained student (a merged model folder) in place of the untrained one."""
+    return cfg.model_copy(update={"student": cfg.student.model_copy(update={"model": str(model)})})
+
+
+def _final_student(cfg: RunConfig, rounds: list[RoundResult]) -> tuple[RunConfig, Path | None]:
+    """The config and adapter that serve the final student: round 1's adapter, or the last round merged."""
+    if len(rounds) == 1:
+        return cfg, rounds[0].trained.adapter_dir
+    return _with_student(cfg, rounds[-1].student()), None
+
+
+def _used(pairs: PairsResult, cfg: RunConfig) -> int:
+    """The examples a round trained on: its pairs, or its correct chains for the SFT baseline."""
+    return pairs.n_correct if cfg.student.training.objective == "sft" else pairs.n_pairs
+
+
+def _have_pairs(pairs: PairsResult, cfg: RunConfig) -> bool:
+    if _used(pairs, cfg):
+        return True
+    if cfg.student.training.objective == "sft":
+        get_run_logger().warning("no correct chains to fine-tune on")
+    else:
         get_run_logger().warning("no preference pairs (no prompt had both a correct and an incorrect chain)")
-    return bool(pairs.n_pairs)
+    return False
 
 
 def _publish(summary: RunSummary, out: Path, tracker: Tracker) -> None:

@@ -22,7 +22,7 @@ from fcdpo.config import RunConfig
 from fcdpo.evaluation import EvalResult
 from fcdpo.models import model_identity
 from fcdpo.sampling import ShardResult
-from fcdpo.stages import EvalJob, SamplingJob, run_dir
+from fcdpo.stages import EvalJob, SamplingJob, run_dir, stage_dir
 from fcdpo.training import TrainResult
 from tasks.common import Engines
 from tasks.stages import build_teacher_prompt, evaluate_student, load_problems, sample_shard, train_student
@@ -42,7 +42,7 @@ def sample_shard_flow(config: RunConfig, shard: int) -> ShardResult:
     try:
         job = SamplingJob.of(config, teacher.prompt)
         teacher_id = model_identity(config.teacher.model, config.teacher.backend)
-        return sample_shard(shards[shard], job, teacher_id, str(run_dir(config) / "shards"), engines)
+        return sample_shard(shards[shard], job, teacher_id, str(stage_dir(config, "shards")), engines)
     finally:
         engines.close()
 

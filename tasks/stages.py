@@ -19,6 +19,7 @@ from prefect.tasks import exponential_backoff
 from fcdpo import stages
 from fcdpo.config import StudentConfig
 from fcdpo.evaluation import EvalResult
+from fcdpo.pairs import concat_pairs as concat_pairs_lib
 from fcdpo.problems import ProblemSet
 from fcdpo.sampling import ShardResult
 from fcdpo.stages import EvalJob, SamplingJob
@@ -34,6 +35,7 @@ load_problems = task(stages.load_problems, name="load-problems", **CACHED)
 build_teacher_prompt = task(stages.teacher_prompt, name="build-teacher-prompt", **CACHED)
 gather_chains = task(stages.gather_chains, name="gather-chains", **CACHED)
 build_pairs = task(stages.build_pairs, name="build-pairs", **CACHED)
+concat_pairs = task(concat_pairs_lib, name="concat-pairs", **CACHED)
 
 
 @task(name="sample-shard", tags=["engine"], **CACHED, **RETRIED)
@@ -51,12 +53,18 @@ def sample_shard(
 # training metrics reach the logs through ``_log_step`` instead.
 @task(name="train-student", tags=["engine"], log_prints=False, **CACHED, **RETRIED)
 def train_student(
-    pairs_parquet: Path, student: StudentConfig, model_id: str, out_dir: str, tracking: Any = None
+    pairs_parquet: Path,
+    student: StudentConfig,
+    model_id: str,
+    out_dir: str,
+    tracking: Any = None,
+    init_adapter: Path | None = None,
 ) -> TrainResult:
-    """LoRA DPO of the student; resumes from its last checkpoint when retried. ``tracking`` receives the
-    training metrics as they are logged; each logged step is also a line in the task's log."""
+    """LoRA DPO (or SFT) of the student; resumes from its last checkpoint when retried. ``tracking`` receives
+    the training metrics as they are logged; each logged step is also a line in the task's log.
+    ``init_adapter``: an earlier round's adapter to continue (its files are in the cache key)."""
     callbacks = [_log_step, *([tracking.training_metrics] if tracking else [])]
-    return stages.train_student(pairs_parquet, student, out_dir, callbacks)
+    return stages.train_student(pairs_parquet, student, out_dir, callbacks, init_adapter)
 
 
 def _log_step(step: int, metrics: dict[str, float]) -> None:

@@ -133,6 +133,41 @@ class Tracker:
         """The training callback (fcdpo.training.MetricsSink): streamed into the train-dpo child run."""
         self.metrics("train-dpo", metrics, step)
 
+    def sink(self, stage: str) -> Any:
+        """A training-metrics receiver (``.training_metrics``) streaming into ``stage``'s child run."""
+        tracker = self
+
+        class _Sink:
+            def training_metrics(self, step: int, metrics: dict[str, float]) -> None:
+                tracker.metrics(stage, metrics, step)
+
+        return _Sink()
+
+    def round(self, r: Any, init_adapter: Path | None) -> None:
+        """Round ``r.round``'s lineage on its own child run: the model that sampled its chains (tag
+        ``fcdpo.sampled_by``), the chains and pairs as its inputs, the adapter it started from and the one it
+        trained (artifact), and its student's held-out accuracy."""
+        stage = f"round-{r.round}"
+        run = self.child(stage)
+        tags = {
+            "fcdpo.round": str(r.round),
+            "fcdpo.sampled_by": r.sampled_by,
+            "fcdpo.trained_on": str(r.pairs.parquet),
+            "fcdpo.init_adapter": str(init_adapter or ""),
+            "fcdpo.base_model": str(r.base),
+        }
+        for k, v in tags.items():
+            self.client.set_tag(run, k, v)
+        if r.chains is not None:
+            self.dataset(stage, "chains", r.chains.path, context="training")
+        self.dataset(stage, "pairs", r.pairs.parquet, context="training")
+        self.artifacts(stage, r.trained.adapter_dir, "adapter")
+        m = {"chains": r.chains.chains if r.chains else 0, "correct_chains": r.chains.correct if r.chains else 0,
+             "pairs": r.pairs.n_pairs, "training_seconds": r.trained.seconds}  # fmt: skip
+        if r.evaluation is not None:
+            m.update({f"{t}.accuracy": v["accuracy"] for t, v in r.evaluation.metrics.items()})
+        self.metrics(stage, m)
+
     def artifacts(self, stage: str, path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(path)
         run = self.child(stage)
@@ -270,9 +305,12 @@ class Tracker:
         )
 
 
-def start_tracker(cfg: RunConfig, uri: str | None, split: Split, out_dir: Path) -> Tracker:
+def start_tracker(
+    cfg: RunConfig, uri: str | None, split: Split, out_dir: Path, parent_run: str | None = None
+) -> Tracker:
     """The MLflow parent run of this Prefect flow run (tagged with its id, UI address and the problems'
-    digest), with the problem sets (written to ``out_dir``) and their counts logged."""
+    digest), with the problem sets (written to ``out_dir``) and their counts logged. ``parent_run``: an
+    experiment's run, which this run becomes a child of (one child run per arm)."""
     from prefect.context import get_run_context
     from prefect.settings import PREFECT_UI_URL
 
@@ -281,7 +319,7 @@ def start_tracker(cfg: RunConfig, uri: str | None, split: Split, out_dir: Path) 
     tracker = Tracker(
         cfg, uri, str(flow_run.id) if flow_run else None,
         f"{ui}/runs/flow-run/{flow_run.id}" if ui and flow_run else None,
-        tags={"fcdpo.problem_set_digest": split.digest},
+        tags={"fcdpo.problem_set_digest": split.digest, **({"mlflow.parentRunId": parent_run} if parent_run else {})},
     )  # fmt: skip
     tracker.problems(split, out_dir)
     return tracker

@@ -47,6 +47,10 @@ class OracleBackend(Backend):
         self.model_id = model_id
         self.calls = 0
 
+    def learn(self, problems: Sequence[Problem]) -> None:
+        """More problems to answer (an engine reused for another stage's problems)."""
+        self.by_question.update({p.question: p for p in problems})
+
     def _position(self, prompt: Prompt) -> tuple[Problem, int]:
         if isinstance(prompt, str):
             _, _, rest = prompt.rpartition("Problem: ")
