@@ -311,3 +311,28 @@ def test_a_round_killed_mid_training_resumes_and_finished_rounds_are_not_redone(
     assert manifest["global_step"] == 40
     log = (checkpoints.parent / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in log] == list(range(1, 41))  # resumed: each step logged once
+
+
+def test_extra_evaluation_sets_are_reported_beside_the_held_out_split(harness, tmp_path, tiny_model):
+    from fcdpo.problems import load_source
+    from flows.pipeline import pipeline
+
+    mine = tmp_path / "my-set.jsonl"
+    mine.write_text("".join(p.model_dump_json() + "\n" for p in load_source("arith", n=5, seed=99)))
+    cfg = tiny_run_config(tmp_path, tiny_model, **{"evaluation.extra_sets": [str(mine)]})
+    state = pipeline(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
+    assert state.is_completed(), state
+    s = state.result()
+    x = s.extra_sets["my-set"]
+    assert x.before["all"]["n"] == x.after["all"]["n"] == 5 and x.comparison["all"]["n"] == 5
+    assert "extra set `my-set`" in s.table
+    out = Path(cfg.out_dir) / cfg.name / "eval" / "my-set"
+    assert len((out / "before" / "greedy.jsonl").read_text().splitlines()) == 5
+    assert len((out / "after" / "greedy.jsonl").read_text().splitlines()) == 5
+
+    # a bad file fails before anything is sampled, naming the file and line
+    mine.write_text('{"question": "2+2?"}\n')
+    cfg = tiny_run_config(tmp_path / "bad", tiny_model, **{"evaluation.extra_sets": [str(mine)]})
+    state = pipeline(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
+    assert state.is_failed() and f"{mine}:1" in str(state.result(raise_on_failure=False))
+    assert not (Path(cfg.out_dir) / cfg.name / "chains.jsonl").exists()
