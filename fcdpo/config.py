@@ -164,6 +164,18 @@ class StudentConfig(_Strict):
             )
         return v
 
+    def for_training(self) -> StudentConfig:
+        """What one round's training depends on (cache keys): the rounds settings reset to their defaults,
+        so an arm with 2 rounds shares its first round with a 1-round arm."""
+        return self.model_copy(update={"rounds": 1, "round": RoundsConfig()})
+
+    def for_serving(self) -> StudentConfig:
+        """What serving the student for evaluation depends on (cache keys): no training settings but the
+        LoRA rank (vLLM's LoRA mode needs it), so arms that differ only in training share the untrained
+        student's evaluation."""
+        training = TrainingConfig(lora=self.training.lora)
+        return self.for_training().model_copy(update={"training": training})
+
     def engine(self) -> EngineSpec:
         """The engine that serves the untrained student (``fcdpo.stages.student_engine`` adds an adapter)."""
         return EngineSpec(self.backend, self.model, self.backend_options, "student.backend_options")

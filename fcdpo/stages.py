@@ -190,7 +190,12 @@ class EvalJob(BaseModel):
 
     @classmethod
     def of(cls, cfg: RunConfig) -> EvalJob:
-        return cls(student=cfg.student, limits=cfg.agent, evaluation=cfg.evaluation, labelling=cfg.labelling)
+        return cls(
+            student=cfg.student.for_serving(),
+            limits=cfg.agent,
+            evaluation=cfg.evaluation.model_copy(update={"extra_sets": []}),  # the problems are an input
+            labelling=cfg.labelling,
+        )
 
     def workload(self, test: ProblemSet) -> Workload:
         """What a student's evaluation engine holds: one greedy chain per problem, or k sampled ones."""
@@ -317,9 +322,10 @@ def round_sampler(cfg: RunConfig, policy: Path) -> TeacherConfig:
 def round_student(cfg: RunConfig, previous: RoundResult) -> tuple[StudentConfig, Path | None]:
     """What round k trains: the original model continuing the previous adapter (reference: the original),
     or the previous round's merged student with a fresh adapter (reference: the previous policy)."""
+    student = cfg.student.for_training()
     if cfg.student.round.reference == "original":
-        return cfg.student, previous.trained.adapter_dir
-    return cfg.student.model_copy(update={"model": str(previous.student())}), None
+        return student, previous.trained.adapter_dir
+    return student.model_copy(update={"model": str(previous.student())}), None
 
 
 def evaluate_student(test: ProblemSet, job: EvalJob, backend: Backend, out_dir: str | Path) -> EvalResult:

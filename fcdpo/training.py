@@ -427,6 +427,22 @@ def memory_plan(model: str | Path, data, cfg: TrainingConfig, gpu: bool) -> Trai
     return plan_training(model, cfg.batch_size, longest, gpu=gpu).check()
 
 
+def reachable(rows: list[dict[str, Any]], cfg: TrainingConfig) -> list[dict[str, Any]]:
+    """The examples a run with ``max_steps`` reaches in its single pass: ``max_steps x batch x
+    accumulation`` of them, a seeded sample (kept in file order; the trainer shuffles them), so the
+    reference log-probs are computed only for examples that are trained on. All of them without
+    ``max_steps`` or when they fit."""
+    if cfg.max_steps <= 0:
+        return rows
+    n = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps
+    if n >= len(rows):
+        return rows
+    import random
+
+    keep = sorted(random.Random(cfg.seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
 def ref_cache_key(pairs_digest: str, model_hash: str, student: PromptSpec, tok, cfg: TrainingConfig) -> str:
     """Reference log-probs depend on the pairs, the model, the template and how tokens are masked/cut."""
     return digest(
@@ -494,6 +510,8 @@ def train_dpo(
     if not rows:
         what = "correct chains" if sft else "preference pairs"
         raise ValueError(f"{data_file}: no {what} to train on")
+    available = len(rows)
+    rows = reachable(rows, cfg)
     if sft:
         data = tokenize_correct(tok, rows, spec, cfg.mask_tool_outputs)
         longest = max(min(len(x), cfg.max_length) for x in data["input_ids"])
@@ -515,8 +533,8 @@ def train_dpo(
         peft_config = None
     data_digest = file_sha256(data_file)
     key = ref_cache_key(data_digest, model_hash or str(model), spec, tok, cfg)
-    if init_adapter is not None:
-        key = digest([key, file_sha256(Path(init_adapter) / "adapter_model.safetensors")], 32)
+    if len(rows) < available:  # the subset max_steps reaches
+        key = digest([key, len(rows), cfg.seed], 32)
     cache_root = Path(cache_dir) if cache_dir else out_dir / "ref_logps"
 
     history: list[dict[str, float]] = []
@@ -573,6 +591,7 @@ def train_dpo(
         "pairs": str(data_file),
         "pairs_digest": data_digest,
         "n_pairs": len(rows),
+        "n_available": available,
         "student_prompt": spec.model_dump(),
         "training": cfg.model_dump(),
         "global_step": trainer.state.global_step,

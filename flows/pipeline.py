@@ -105,7 +105,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
         # 5. DPO of the student with LoRA (or the SFT baseline on the correct chains: training.objective)
         if "train" in stages and _have_pairs(pairs, cfg):
             with clock("training"):
-                args = (pairs.parquet, cfg.student, student_id(cfg))
+                args = (pairs.parquet, cfg.student.for_training(), student_id(cfg))
                 trained = fresh(train_student, *args, str(stage_dir(cfg, "training", *args)), tracker)
             tracker.adapter(trained, pairs)
 

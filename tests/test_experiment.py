@@ -211,6 +211,8 @@ def test_an_experiment_shares_stages_reports_and_trains_only_an_added_arm(harnes
         "Cached",
     }
     assert by_task["train-student"] == ["Completed", "Completed"]
+    # the untrained student's evaluation is shared too: before (once) + each arm's after
+    assert sorted(by_task["evaluate-student"]) == ["Cached", "Completed", "Completed", "Completed"]
 
     out = tmp_path / "runs" / "exp"
     report = json.loads((out / "comparison.json").read_text())
