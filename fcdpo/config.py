@@ -137,6 +137,12 @@ class RoundsConfig(_Strict):
         "training problems divided into one disjoint part per round)",
     )
     temperature: float = Field(0.7, ge=0, description="temperature of the student's on-policy chains")
+    chosen_from_teacher: bool = Field(
+        False,
+        description="also pair the teacher's correct chains (chosen) with the student's incorrect ones: a "
+        "weak student may sample no correct chain of its own, and then a round of only its own chains has "
+        "no pairs",
+    )
 
 
 class StudentConfig(_Strict):

@@ -294,6 +294,17 @@ class ChainsResult:
         return list(read_jsonl(self.path))
 
 
+def pool_chains(own: ChainsResult, teacher: ChainsResult, out: str | Path) -> ChainsResult:
+    """A round's own chains plus the teacher's *correct* chains, in one file: paired, the teacher's correct
+    chains are chosen over the student's incorrect ones when the student has few correct chains of its own."""
+    out = Path(out)
+    chains = list(read_jsonl(own.path)) + [r for r in read_jsonl(teacher.path) if r.verdict == "correct"]
+    tmp = out.with_name(f".{out.name}.tmp")
+    write_jsonl(chains, tmp)
+    os.replace(tmp, out)
+    return ChainsResult(out, verdict_counts(chains))
+
+
 def gather_chains(shards: Sequence[ShardResult], out: str | Path) -> ChainsResult:
     """The shards' labelled chains, in shard order, in one file ``out`` (written whole, then renamed)."""
     out = Path(out)

@@ -52,6 +52,7 @@ from tasks.stages import (
     evaluate_student,
     gather_chains,
     load_problems,
+    pool_chains,
     sample_shard,
     train_student,
 )
@@ -123,7 +124,10 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
         )
         for k in range(2, cfg.student.rounds + 1 if trained else 0):
             with clock(f"round_{k}"):
-                rounds.append(_next_round(cfg, split, k, rounds, engines, tracker))
+                nxt = _next_round(cfg, split, k, rounds, engines, tracker)
+            if nxt is None:
+                break
+            rounds.append(nxt)
         if rounds:
             after = rounds[-1].evaluation
 
@@ -147,7 +151,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
             rounds=[RoundSummary.of(r, before, cfg.evaluation) for r in rounds] if len(rounds) > 1 else [],
             extra_sets={n: ExtraSetSummary.of(*r) for n, r in extra_results.items()},
             objective=cfg.student.training.objective,
-            training_pairs=sum(_used(r.pairs, cfg) for r in rounds),
+            training_pairs=sum(int(r.trained.manifest["n_pairs"]) for r in rounds),  # the ones trained on
             eval_dirs={k: str(v.out_dir) for k, v in (("before", before), ("after", after)) if v and v.out_dir},
         )  # fmt: skip
         _publish(summary, out, tracker)
@@ -161,7 +165,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
 
 def _next_round(
     cfg: RunConfig, split: Split, k: int, done: list[RoundResult], engines: Engines, tracker: Tracker
-) -> RoundResult:
+) -> RoundResult | None:
     """Round ``k``: the previous round's student (merged) samples, its chains are paired (with every earlier
     round's pairs when ``student.round.keep_pairs``), training continues from it, the new student is
     evaluated. Every step is a cached task: a finished round is never redone."""
@@ -175,12 +179,27 @@ def _next_round(
         for shard in split_shards(round_problems(split.train, k, cfg.student), sampler.sampling.shard_size)
     ]
     chains = fresh(gather_chains, shards, str(stage_dir(cfg, f"{r}/chains.jsonl", shards)))
-    args = (chains, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling)
+    paired = chains
+    if cfg.student.round.chosen_from_teacher:  # + the teacher's correct chains (round 1's chains)
+        paired = fresh(
+            pool_chains,
+            chains,
+            done[0].chains,
+            str(stage_dir(cfg, f"{r}/pooled.jsonl", chains, done[0].chains)),
+        )
+    args = (paired, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling)
     pairs = fresh(build_pairs, *args, str(stage_dir(cfg, f"{r}/pairs", *args)))
     if cfg.student.round.keep_pairs:
         so_far = [x.pairs for x in done] + [pairs]
         pairs = fresh(concat_pairs, so_far, str(stage_dir(cfg, f"{r}/pairs-so-far", so_far)))
     engines.close()  # training needs the memory
+    if not _have_pairs(pairs, cfg):  # e.g. a student that sampled no correct chain: no round k
+        get_run_logger().warning(
+            f"round {k}: nothing to train on ({chains.correct} of {chains.chains} of the student's chains "
+            "correct); the rounds stop here (student.round.chosen_from_teacher pairs the teacher's correct "
+            "chains with the student's incorrect ones)"
+        )
+        return None
     student, init = round_student(cfg, done[-1])
     args = (pairs.parquet, student, model_identity(student.model, student.backend))
     out = str(stage_dir(cfg, f"{r}/training", *args, init))

@@ -52,7 +52,7 @@ def train_flow(config: RunConfig, pairs_parquet: str, out: str | None = None) ->
     """DPO (LoRA) of ``config.student`` on an existing pairs file."""
     student_id = model_identity(config.student.model, config.student.backend)
     out = out or str(run_dir(config) / "training")
-    return train_student(Path(pairs_parquet), config.student, student_id, out)
+    return train_student(Path(pairs_parquet), config.student.for_training(), student_id, out)
 
 
 @flow(name="evaluate", persist_result=True)

@@ -22,6 +22,7 @@ from fcdpo.evaluation import EvalResult
 from fcdpo.pairs import concat_pairs as concat_pairs_lib
 from fcdpo.problems import ProblemSet
 from fcdpo.sampling import ShardResult
+from fcdpo.sampling import pool_chains as pool_chains_lib
 from fcdpo.stages import EvalJob, SamplingJob
 from fcdpo.training import TrainResult
 from tasks.common import Engines, content_key, transient
@@ -36,6 +37,7 @@ build_teacher_prompt = task(stages.teacher_prompt, name="build-teacher-prompt", 
 gather_chains = task(stages.gather_chains, name="gather-chains", **CACHED)
 build_pairs = task(stages.build_pairs, name="build-pairs", **CACHED)
 concat_pairs = task(concat_pairs_lib, name="concat-pairs", **CACHED)
+pool_chains = task(pool_chains_lib, name="pool-chains", **CACHED)
 
 
 @task(name="sample-shard", tags=["engine"], **CACHED, **RETRIED)

@@ -338,3 +338,24 @@ def test_extra_evaluation_sets_are_reported_beside_the_held_out_split(harness, t
     state = pipeline(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
     assert state.is_failed() and f"{mine}:1" in str(state.result(raise_on_failure=False))
     assert not (Path(cfg.out_dir) / cfg.name / "chains.jsonl").exists()
+
+
+def test_a_round_without_pairs_stops_the_rounds_and_the_teachers_correct_chains_can_fill_in(
+    harness, tmp_path, tiny_model
+):
+    from flows.pipeline import pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the student's own chains are all wrong (the oracle errs on every chain): no pairs in round 2
+    over = {"student.rounds": 2, "student.backend_options": {"error_rate": 1.0}}
+    state = pipeline(tiny_run_config(tmp_path / "a", tiny_model, **over), uri, return_state=True)
+    assert state.is_completed(), state
+    s = state.result()
+    assert s.rounds == [] and s.after is not None and s.training.steps == 2  # round 1 only, reported
+
+    # paired with the teacher's correct chains, the same round trains
+    over["student.round.chosen_from_teacher"] = True
+    state = pipeline(tiny_run_config(tmp_path / "b", tiny_model, **over), uri, return_state=True)
+    assert state.is_completed(), state
+    two = state.result().rounds[1]
+    assert two.correct_chains == 0 and two.pairs > 0 and two.steps == 2
