@@ -20,6 +20,7 @@ in: only one compact copy of the turns per distinct chain is held, never the pai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -290,6 +291,22 @@ class PairsResult:
         return datasets.Dataset.from_parquet(str(self.parquet))
 
 
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir``, renamed to it when the block ends without error (and removed
+    when it fails): no half-written output."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_pairs(
     builder: PairBuilder, out_dir: str | Path, save_dataset: bool = True, batch_size: int = 2048
 ) -> PairsResult:
@@ -299,9 +316,7 @@ def write_pairs(
     Written into a temporary folder beside ``out_dir`` and renamed at the end: no half-written output.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _atomic_dir(out_dir) as tmp:
         writer: pq.ParquetWriter | None = None
         batch: list[dict[str, Any]] = []
         per_prompt: dict[str, int] = {}
@@ -349,12 +364,6 @@ def write_pairs(
             import datasets
 
             datasets.Dataset.from_parquet(str(tmp / "pairs.parquet")).save_to_disk(str(tmp / "dataset"))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PairsResult(out_dir, n, len(per_prompt), counts, len(correct))
 
 
@@ -377,21 +386,13 @@ def concat_pairs(results: Iterable[PairsResult], out_dir: str | Path) -> PairsRe
     ``correct.parquet`` and ``counts.jsonl`` concatenated in order; written whole or not at all."""
     results = list(results)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _atomic_dir(out_dir) as tmp:
         for name in ("pairs.parquet", "correct.parquet"):
             tables = [pq.read_table(str(r.out_dir / name)) for r in results if (r.out_dir / name).is_file()]
             tables = [t for t in tables if t.num_rows] or tables[:1]
             pq.write_table(pa.concat_tables(tables, promote_options="default"), str(tmp / name))
         counts = [c for r in results for c in r.counts]
         (tmp / "counts.jsonl").write_text("".join(json.dumps(c) + "\n" for c in counts))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PairsResult(
         out_dir,
         sum(r.n_pairs for r in results),

@@ -93,13 +93,7 @@ def accuracy_by_arm(arms: dict[str, dict[str, Any]], path: str | Path) -> Path:
         ax.bar(xs, acc, width, yerr=err, capsize=3, label=arm)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("greedy pass@1")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    ax.set_title("accuracy by arm (95% bootstrap CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, "accuracy by arm (95% bootstrap CI)", path)
 
 
 def accuracy_by_round(arms: dict[str, list[dict[str, float]]], path: str | Path, task: str = "all") -> Path:
@@ -112,9 +106,14 @@ def accuracy_by_round(arms: dict[str, list[dict[str, float]]], path: str | Path,
             ax.plot(*zip(*pts, strict=True), marker="o", label=arm)
     ax.set_xlabel("round")
     ax.set_ylabel(f"greedy pass@1 ({task})")
+    return _finish(plt, fig, ax, "accuracy by round", path)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, title: str, path: str | Path) -> Path:
+    """An accuracy plot's common end: 0-1 axis, legend, title, saved as PNG."""
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("accuracy by round")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

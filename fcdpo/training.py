@@ -206,18 +206,15 @@ def tokenize_correct(tokenizer, rows: Sequence[dict[str, Any]], student: PromptS
     and, with ``mask``, on tool results): the SFT baseline's data, masked exactly as the pairs are."""
     import datasets
 
-    builders: dict[str, PromptBuilder] = {}
+    builder = _builders(student)
     out = []
     for row in rows:
-        ts = row["toolset"]
-        if ts not in builders:
-            builders[ts] = PromptBuilder(TOOLSETS.get(ts), student)
         pair = {
             "prompt": row["prompt"],
             "chosen_messages": row["messages"],
             "rejected_messages": row["messages"],
         }
-        t = tokenize_pair(tokenizer, builders[ts], pair, mask)
+        t = tokenize_pair(tokenizer, builder(row["toolset"]), pair, mask)
         ids = t["prompt_ids"] + t["chosen_ids"]
         labels = [-100] * len(t["prompt_ids"]) + [
             i if m else -100 for i, m in zip(t["chosen_ids"], t["chosen_mask"], strict=True)
@@ -230,14 +227,22 @@ def tokenize_pairs(tokenizer, rows: Sequence[dict[str, Any]], student: PromptSpe
     """Every pair row tokenised with its toolset's student prompt builder (a ``datasets.Dataset``)."""
     import datasets
 
-    builders: dict[str, PromptBuilder] = {}
-    out = []
-    for row in rows:
-        ts = row["toolset"]
-        if ts not in builders:
-            builders[ts] = PromptBuilder(TOOLSETS.get(ts), student)
-        out.append(tokenize_pair(tokenizer, builders[ts], row, mask))
-    return datasets.Dataset.from_list(out)
+    builder = _builders(student)
+    return datasets.Dataset.from_list(
+        [tokenize_pair(tokenizer, builder(r["toolset"]), r, mask) for r in rows]
+    )
+
+
+def _builders(student: PromptSpec) -> Callable[[str], PromptBuilder]:
+    """The student prompt builder of a toolset, made once per toolset."""
+    made: dict[str, PromptBuilder] = {}
+
+    def get(toolset: str) -> PromptBuilder:
+        if toolset not in made:
+            made[toolset] = PromptBuilder(TOOLSETS.get(toolset), student)
+        return made[toolset]
+
+    return get
 
 
 def preference_collator(pad_token_id: int, max_length: int | None):

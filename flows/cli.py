@@ -125,15 +125,9 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
     )
     from flows.pipeline import pipeline
 
-    if server is not None:
-        print(f"fcdpo run: no PREFECT_API_URL: a temporary Prefect API at {server.url}", file=sys.stderr)
-        server.wait()
-    state = pipeline(cfg, args.tracking_uri, return_state=True)
-    if not state.is_completed():
-        print(f"fcdpo run: the pipeline flow ended {state.name}: {_cause(state)}", file=sys.stderr)
+    summary = _run_flow("run", server, lambda: pipeline(cfg, args.tracking_uri, return_state=True))
+    if summary is None:
         return 1
-    summary = state.result()
-    print()
     print(summary.table)
     if summary.training:
         print(f"pairs {summary.pairs}, DPO steps {summary.training.steps}")
@@ -163,19 +157,28 @@ def run_experiment(args: argparse.Namespace) -> int:
     server = None if _configured_api_url() else EphemeralAPI()  # stopped at exit, after Prefect's flush
     from flows.experiment import experiment
 
-    if server is not None:
-        print(f"fcdpo experiment: a temporary Prefect API at {server.url}", file=sys.stderr)
-        server.wait()
-    state = experiment(args.config, args.set, args.tracking_uri, return_state=True)
-    if not state.is_completed():
-        print(f"fcdpo experiment: the flow ended {state.name}: {_cause(state)}", file=sys.stderr)
+    summary = _run_flow(
+        "experiment", server, lambda: experiment(args.config, args.set, args.tracking_uri, return_state=True)
+    )
+    if summary is None:
         return 1
-    summary = state.result()
-    print()
     print(summary.report)
     print(f"engines started: {summary.engines_started}; MLflow run {summary.mlflow_run}")
     print(f"outputs: {summary.out_dir}")
     return 0
+
+
+def _run_flow(cmd: str, server: EphemeralAPI | None, call: Any) -> Any:
+    """Wait for the temporary API (if any), run the flow; its result, or None (the cause printed)."""
+    if server is not None:
+        print(f"fcdpo {cmd}: no PREFECT_API_URL: a temporary Prefect API at {server.url}", file=sys.stderr)
+        server.wait()
+    state = call()
+    if not state.is_completed():
+        print(f"fcdpo {cmd}: the flow ended {state.name}: {_cause(state)}", file=sys.stderr)
+        return None
+    print()
+    return state.result()
 
 
 def _cause(state: Any) -> str:

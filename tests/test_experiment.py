@@ -118,7 +118,9 @@ def test_sft_baseline_trains_on_correct_chains_only_with_tool_results_masked(tmp
     cfg = TrainingConfig(objective="sft", max_steps=2, batch_size=2, save_steps=1)
     res = train_dpo(pairs.parquet, tiny_model, tmp_path / "sft", cfg, model_hash="tiny")
     assert res.steps == 2 and res.manifest["objective"] == "sft"
-    assert res.manifest["n_pairs"] == len(rows) and res.manifest["pairs"].endswith("correct.parquet")
+    assert res.manifest["pairs"].endswith("correct.parquet")
+    # max_steps 2 x batch 2 reach 4 examples: only those are tokenised and trained on
+    assert res.manifest["n_pairs"] == 4 and res.manifest["n_available"] == len(rows)
     assert (res.adapter_dir / "adapter_model.safetensors").is_file()
     assert [h["step"] for h in res.history] == [1, 2] and all(h["loss"] > 0 for h in res.history)
 

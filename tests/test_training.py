@@ -121,7 +121,12 @@ def test_training_writes_adapter_manifest_metrics_and_caches_reference(tmp_path,
     )  # fmt: skip
     manifest = json.loads((res.adapter_dir / "fcdpo_manifest.json").read_text())
     assert (res.adapter_dir / "adapter_model.safetensors").is_file()
-    assert manifest["global_step"] == 4 and manifest["n_pairs"] == pairs[0].n_pairs
+    # 4 steps x 2 pairs reach 8 of the pairs: only those are scored (reference log-probs) and trained on
+    assert (
+        manifest["global_step"] == 4
+        and manifest["n_pairs"] == 8
+        and manifest["n_available"] == pairs[0].n_pairs
+    )
     assert manifest["base_model_hash"] == "tiny" and len(manifest["pairs_digest"]) == 64
     assert [s for s, _ in seen] == [1, 2, 3, 4]
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "learning_rate"} <= set(
