@@ -137,8 +137,8 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
             comparison = compare(before, after, cfg.evaluation)
             write_report(out / "eval", before, after, comparison, trained.history)
             final, adapter = _final_student(cfg, rounds)
-            with clock("eval_extra"):
-                for n, ps in extra.items():
+            for n, ps in extra.items():
+                with clock("eval_extra"):
                     done = _evaluate(final, ps, adapter, f"eval/{n}/after", engines)
                     extra_results[n] = extra_before[n], done, compare(extra_before[n], done, cfg.evaluation)
 

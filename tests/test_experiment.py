@@ -227,7 +227,7 @@ def test_an_experiment_shares_stages_reports_and_trains_only_an_added_arm(harnes
     assert (
         0 <= bvw["vs_baseline"]["all"]["mcnemar_p"] <= 1 and bvw["pairs"] > 0 and bvw["training_seconds"] > 0
     )
-    assert report["arms"][0]["pairs"] > bvw["pairs"]  # best-vs-worst: one pair per prompt, capped: up to 2
+    assert report["arms"][0]["pairs"] == bvw["pairs"] == 4  # the examples trained on: 2 steps x 2
     assert (out / "accuracy_by_arm.png").stat().st_size > 1000
     assert "| best-vs-worst | all |" in (out / "report.md").read_text()
     assert s.report == (out / "report.md").read_text()
