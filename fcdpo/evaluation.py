@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
@@ -67,12 +67,10 @@ def bootstrap_ci(values: Sequence[float], n: int, level: float, seed: int) -> tu
     """Percentile bootstrap CI of the mean."""
     if not values:
         return (math.nan, math.nan)
-    rng = random.Random(seed)
-    m = len(values)
-    means = sorted(sum(values[rng.randrange(m)] for _ in range(m)) / m for _ in range(n))
-    lo = means[int((1 - level) / 2 * n)]
-    hi = means[min(n - 1, int((1 + level) / 2 * n))]
-    return (lo, hi)
+    v = np.asarray(values, dtype=np.float64)
+    # n resamples at once (a few ms for 2,000 x 106; the pure-Python loop took ~0.2 s per interval)
+    means = np.sort(v[np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))].mean(axis=1))
+    return (float(means[int((1 - level) / 2 * n)]), float(means[min(n - 1, int((1 + level) / 2 * n))]))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -25,7 +25,7 @@ from fcdpo.evaluation import EvalResult
 from fcdpo.experiment import ArmResult, comparison, load_experiment, write_comparison
 from fcdpo.report import RunSummary, accuracy_cell
 from flows.pipeline import pipeline
-from tasks.tracking import tracking_uri as resolve_uri
+from tasks.tracking import ExperimentTracker
 
 
 class ExperimentSummary(BaseModel):
@@ -49,14 +49,14 @@ def experiment(
     exp = load_experiment(path, overrides or [])  # every arm checked before anything runs
     log, c = get_run_logger(), exp.config
     names = list(exp.arms)
-    client, parent = _mlflow_parent(exp, tracking_uri)
+    tracker = ExperimentTracker.start(exp, tracking_uri)
     summaries: dict[str, RunSummary] = {}
     try:
         # the arms, one after another (they share one machine); the baseline first
         for name in [c.baseline] + [n for n in names if n != c.baseline]:
             log.info(f"arm {name}: {exp.config.arms[names.index(name)].set or 'the base config'}")
             summaries[name] = pipeline.with_options(flow_run_name=f"{c.name}-{name}")(
-                exp.arms[name], tracking_uri, parent
+                exp.arms[name], tracking_uri, tracker.run_id
             )
         missing = [n for n, s in summaries.items() if "after" not in s.eval_dirs]
         if missing:
@@ -68,52 +68,14 @@ def experiment(
         )  # fmt: skip
         report = write_comparison(exp.out, rows, c.baseline, f"experiment `{c.name}`")
         _publish(exp.out, rows, report, c.baseline)
-        if client is not None:
-            _track(client, parent, exp.out, rows, summaries)
+        tracker.finish(exp.out, rows, summaries)
     except BaseException:
-        if client is not None:
-            client.set_terminated(parent, "FAILED")
+        tracker.fail()
         raise
     return ExperimentSummary(
         name=c.name, out_dir=str(exp.out), baseline=c.baseline, arms=rows, report=report,
-        engines_started=sum(s.engines_started for s in summaries.values()), mlflow_run=parent,
+        engines_started=sum(s.engines_started for s in summaries.values()), mlflow_run=tracker.run_id,
     )  # fmt: skip
-
-
-def _mlflow_parent(exp, uri: str | None):
-    """The experiment's MLflow run: every arm's run becomes its child."""
-    from mlflow import MlflowClient
-
-    base = exp.arms[exp.config.baseline]
-    resolved = resolve_uri(base, uri)
-    client = MlflowClient(resolved, registry_uri=resolved)
-    found = client.get_experiment_by_name(base.tracking.experiment)
-    exp_id = found.experiment_id if found else client.create_experiment(base.tracking.experiment)
-    run = client.create_run(
-        exp_id, run_name=f"experiment:{exp.config.name}",
-        tags={"fcdpo.experiment": exp.config.name, "fcdpo.baseline": exp.config.baseline},
-    )  # fmt: skip
-    client.log_param(run.info.run_id, "arms", ",".join(exp.arms))
-    client.log_param(run.info.run_id, "baseline", exp.config.baseline)
-    return client, run.info.run_id
-
-
-def _track(client, parent: str, out: Path, rows: list[ArmResult], summaries: dict[str, RunSummary]) -> None:
-    """Each arm's difference from the baseline on its own run; the report files on the parent run."""
-    for r in rows:
-        run = summaries[r.arm].mlflow.run_id if summaries[r.arm].mlflow else None
-        for t, v in r.vs_baseline.items():
-            for key, val in (("vs_baseline", v["difference"]), ("vs_baseline_mcnemar_p", v["mcnemar_p"])):
-                if run and val == val:
-                    client.log_metric(run, f"{t}.{key}", float(val))
-                if val == val:
-                    client.log_metric(parent, f"{r.arm}.{t}.{key}", float(val))
-        for t, m in r.accuracy.items():
-            client.log_metric(parent, f"{r.arm}.{t}.accuracy", float(m["accuracy"]))
-    for f in ("report.md", "comparison.json", "accuracy_by_arm.png", "accuracy_by_round.png"):
-        if (out / f).is_file():
-            client.log_artifact(parent, str(out / f))
-    client.set_terminated(parent, "FINISHED")
 
 
 def _publish(out: Path, rows: list[ArmResult], report: str, baseline: str) -> None:

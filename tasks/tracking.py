@@ -325,6 +325,53 @@ def start_tracker(
     return tracker
 
 
+class ExperimentTracker:
+    """An experiment's MLflow run: every arm's pipeline run becomes its child; at the end each arm's run gets
+    its difference from the baseline arm and the parent gets the report files."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def start(cls, exp: Any, uri: str | None) -> ExperimentTracker:
+        from mlflow import MlflowClient
+
+        base = exp.arms[exp.config.baseline]
+        resolved = tracking_uri(base, uri)
+        client = MlflowClient(resolved, registry_uri=resolved)
+        found = client.get_experiment_by_name(base.tracking.experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(base.tracking.experiment)
+        run = client.create_run(
+            exp_id, run_name=f"experiment:{exp.config.name}",
+            tags={"fcdpo.experiment": exp.config.name, "fcdpo.baseline": exp.config.baseline},
+        )  # fmt: skip
+        client.log_param(run.info.run_id, "arms", ",".join(exp.arms))
+        client.log_param(run.info.run_id, "baseline", exp.config.baseline)
+        return cls(client, run.info.run_id)
+
+    def finish(self, out: Path, rows: list[Any], summaries: dict[str, RunSummary]) -> None:
+        """``rows``: ``fcdpo.experiment.ArmResult`` per arm; ``out``: the folder holding the report files."""
+        c, parent = self.client, self.run_id
+        for r in rows:
+            run = summaries[r.arm].mlflow.run_id if summaries[r.arm].mlflow else None
+            for t, v in r.vs_baseline.items():
+                for key, val in (("vs_baseline", v["difference"]), ("vs_baseline_mcnemar_p", v["mcnemar_p"])):
+                    if val != val:  # NaN: no paired difference (the baseline itself)
+                        continue
+                    if run:
+                        c.log_metric(run, f"{t}.{key}", float(val))
+                    c.log_metric(parent, f"{r.arm}.{t}.{key}", float(val))
+            for t, m in r.accuracy.items():
+                c.log_metric(parent, f"{r.arm}.{t}.accuracy", float(m["accuracy"]))
+        for f in ("report.md", "comparison.json", "accuracy_by_arm.png", "accuracy_by_round.png"):
+            if (out / f).is_file():
+                c.log_artifact(parent, str(out / f))
+        c.set_terminated(parent, "FINISHED")
+
+    def fail(self) -> None:
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
 def sample_rows(path: Path, n: int = 5) -> list[dict[str, Any]]:
     """The first ``n`` rows of a JSONL or parquet table (nested values as JSON text)."""
     if not path.is_file():
