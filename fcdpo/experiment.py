@@ -181,7 +181,8 @@ def comparison(
                 vs_baseline=vs,
                 by_round=rounds,
                 pairs=s.training_pairs,
-                training_seconds=s.seconds.get("training", 0.0)
+                # the training's own measured time (this run's stage clock reads 0 when it came from cache)
+                training_seconds=(s.training.seconds if s.training else 0.0)
                 + sum(r.training_seconds for r in s.rounds[1:]),
                 objective=s.objective,
             )

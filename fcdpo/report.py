@@ -44,6 +44,7 @@ class TaskCounts(BaseModel):
 class TrainingSummary(BaseModel):
     adapter: str
     steps: int
+    seconds: float = 0.0  # how long the training took when it ran (a cached run still reports it)
 
 
 class RoundSummary(BaseModel):
@@ -159,7 +160,9 @@ class RunSummary(BaseModel):
             },
             pairs=pairs.n_pairs if pairs else 0,
             prompts_with_pairs=pairs.n_prompts if pairs else 0,
-            training=TrainingSummary(adapter=str(trained.adapter_dir), steps=trained.steps)
+            training=TrainingSummary(
+                adapter=str(trained.adapter_dir), steps=trained.steps, seconds=round(trained.seconds, 1)
+            )
             if trained
             else None,
             before=before.metrics if before else None,

@@ -230,7 +230,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> N
                     return
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise RuntimeError(f"{url}: not healthy after {timeout:.0f} s; see {log}")
 
 

@@ -23,7 +23,7 @@ from fcdpo.config import RunConfig
 from fcdpo.models import model_identity
 from fcdpo.sampling import ShardResult
 from fcdpo.stages import SamplingJob, TeacherPrompt, stage_dir
-from tasks.common import Engines, missing_files
+from tasks.common import Engines, missing_files, opaque_args
 from tasks.stages import sample_shard
 
 
@@ -49,7 +49,7 @@ def sample_local(
     )
     out = str(stage_dir(cfg, "shards"))
     results = [
-        task(shard, job, teacher_id, out, engines)
+        task(*opaque_args((shard, job, teacher_id, out, engines)))
         for shard in teacher.shards(cfg.teacher.sampling.shard_size)
     ]
     if not refresh and any(missing_files(r) for r in results):

@@ -22,9 +22,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from fcdpo.evaluation import EvalResult
-from fcdpo.experiment import ArmResult, comparison, load_experiment, write_comparison
+from fcdpo.experiment import ArmResult, comparison, load_experiment
 from fcdpo.report import RunSummary, accuracy_cell
 from flows.pipeline import pipeline
+from tasks.common import fresh
+from tasks.stages import write_comparison
 from tasks.tracking import ExperimentTracker
 
 
@@ -66,7 +68,7 @@ def experiment(
             names, c.baseline, finals, summaries,
             {a.name: a.description for a in c.arms}, exp.arms[c.baseline].evaluation,
         )  # fmt: skip
-        report = write_comparison(exp.out, rows, c.baseline, f"experiment `{c.name}`")
+        report = fresh(write_comparison, str(exp.out), rows, c.baseline, f"experiment `{c.name}`").table
         _publish(exp.out, rows, report, c.baseline)
         tracker.finish(exp.out, rows, summaries)
     except BaseException:

@@ -29,7 +29,7 @@ from fcdpo.evaluation import EvalResult, compare
 from fcdpo.models import model_identity
 from fcdpo.pairs import PairsResult
 from fcdpo.problems import ProblemSet
-from fcdpo.report import ExtraSetSummary, RoundSummary, RunSummary, Stopwatch, write_report
+from fcdpo.report import ExtraSetSummary, RoundSummary, RunSummary, Stopwatch
 from fcdpo.sampling import split_shards
 from fcdpo.stages import (
     EvalJob,
@@ -44,7 +44,7 @@ from fcdpo.stages import (
     stage_dir,
 )
 from flows.executors import sample_shards
-from tasks.common import Engines, fresh
+from tasks.common import Engines, fresh, opaque_args
 from tasks.stages import (
     build_pairs,
     build_teacher_prompt,
@@ -55,6 +55,7 @@ from tasks.stages import (
     pool_chains,
     sample_shard,
     train_student,
+    write_report,
 )
 from tasks.tracking import Tracker, start_tracker
 
@@ -76,7 +77,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
     with clock("problems"):
         split = load_problems(cfg.problems)
         extra = load_extra_sets(cfg.evaluation.extra_sets)  # the user's own evaluation sets
-        teacher = build_teacher_prompt(cfg.teacher, cfg.agent, split.train)
+        teacher = build_teacher_prompt(*opaque_args((cfg.teacher, cfg.agent, split.train)))
     out.mkdir(parents=True, exist_ok=True)
     tracker = start_tracker(cfg, tracking_uri, split, out / "problems", parent_run)
     try:
@@ -135,7 +136,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
         #    user's extra sets (evaluation.extra_sets)
         if before and after:
             comparison = compare(before, after, cfg.evaluation)
-            write_report(out / "eval", before, after, comparison, trained.history)
+            fresh(write_report, str(out / "eval"), before, after, comparison, list(trained.history))
             final, adapter = _final_student(cfg, rounds)
             for n, ps in extra.items():
                 with clock("eval_extra"):

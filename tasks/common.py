@@ -65,14 +65,23 @@ def missing_files(result: Any) -> bool:
     return any(not Path(p).exists() for p in result.files())
 
 
+def opaque_args(args: Sequence[Any]) -> list[Any]:
+    """Task arguments that Prefect takes as they are (``opaque``): by default it walks into every argument
+    looking for futures and states (each problem, record and config field: 4 s of the 51 cached task
+    calls of configs/experiment.yaml, profiled); ours are plain values, so it looks at the top level only."""
+    from prefect.utilities.annotations import opaque
+
+    return [opaque(a) for a in args]
+
+
 def fresh(task: Any, *args: Any) -> Any:
     """Run a cached task; if its cached result names files that no longer exist, run it again with the
     cache refreshed instead of trusting the stale result."""
-    result = task(*args)
+    result = task(*opaque_args(args))
     if not missing_files(result):
         return result
     get_run_logger().warning(f"{task.name}: cached outputs are missing on disk; recomputing")
-    return task.with_options(refresh_cache=True)(*args)
+    return task.with_options(refresh_cache=True)(*opaque_args(args))
 
 
 class Engines:

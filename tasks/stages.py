@@ -10,15 +10,17 @@ are files under the run folder; output folders are passed as strings (a name, no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from fcdpo import stages
+from fcdpo import experiment, report, stages
 from fcdpo.config import StudentConfig
 from fcdpo.evaluation import EvalResult
+from fcdpo.experiment import ArmResult
 from fcdpo.pairs import concat_pairs as concat_pairs_lib
 from fcdpo.problems import ProblemSet
 from fcdpo.sampling import ShardResult
@@ -80,3 +82,43 @@ def evaluate_student(
     """Greedy pass@1 (+ pass@k) of the student, base or base + adapter, in the sampling agent loop."""
     backend = engines.get(job.engine(adapter), test, job.workload(test))
     return stages.evaluate_student(test, job, backend, out_dir)
+
+
+REPORT_FILES = ("report.md", "comparison.json", "accuracy.png", "training_curves.png", "pass_at_k.png")
+COMPARISON_FILES = ("report.md", "comparison.json", "accuracy_by_arm.png", "accuracy_by_round.png")
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """A report written to a folder: its files and its markdown (the results table)."""
+
+    paths: tuple[str, ...]
+    table: str
+
+    def files(self) -> list[str]:
+        return list(self.paths)
+
+
+@task(name="write-report", **CACHED)
+def write_report(
+    out_dir: str,
+    before: EvalResult,
+    after: EvalResult,
+    comparison: dict[str, Any],
+    history: list[dict[str, float]],
+) -> ReportFiles:
+    """report.md, comparison.json and the plots of a before/after comparison; keyed by the evaluations'
+    files and the comparison, so a re-run with the same results draws nothing."""
+    table = report.write_report(Path(out_dir), before, after, comparison, history)
+    return ReportFiles(_present(out_dir, REPORT_FILES), table)
+
+
+@task(name="write-comparison", **CACHED)
+def write_comparison(out_dir: str, rows: list[ArmResult], baseline: str, title: str) -> ReportFiles:
+    """An experiment's report.md, comparison.json and plots by arm (and round); keyed by the arms' rows."""
+    text = experiment.write_comparison(Path(out_dir), rows, baseline, title)
+    return ReportFiles(_present(out_dir, COMPARISON_FILES), text)
+
+
+def _present(out_dir: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(str(Path(out_dir, f)) for f in names if Path(out_dir, f).is_file())

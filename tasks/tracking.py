@@ -124,10 +124,9 @@ class Tracker:
         return digest
 
     def metrics(self, stage: str, metrics: dict[str, float], step: int = 0) -> None:
-        run = self.child(stage)
-        for k, v in metrics.items():
-            if isinstance(v, int | float) and v == v:  # skip NaN
-                self.client.log_metric(run, k.replace("/", "_"), float(v), step=step)
+        log_metrics(
+            self.client, self.child(stage), {k.replace("/", "_"): v for k, v in metrics.items()}, step
+        )
 
     def training_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """The training callback (fcdpo.training.MetricsSink): streamed into the train-dpo child run."""
@@ -224,16 +223,10 @@ class Tracker:
         self.client.log_outputs(run, [LoggedModelOutput(model.model_id, step=int(m["global_step"]))])
         self.model_id = model.model_id
         last = trained.history[-1] if trained.history else {}
-        for k, v in last.items():
-            if k != "step" and isinstance(v, int | float):
-                self.client.log_metric(
-                    run,
-                    f"final_{k}",
-                    float(v),
-                    model_id=model.model_id,
-                    dataset_name="pairs",
-                    dataset_digest=digest,
-                )
+        final = {f"final_{k}": v for k, v in last.items() if k != "step"}
+        log_metrics(
+            self.client, run, final, model_id=model.model_id, dataset_name="pairs", dataset_digest=digest
+        )
         if self.registered_model:
             self._register(model.model_id, run)
 
@@ -267,22 +260,18 @@ class Tracker:
         """The headline metrics on the parent run (the experiment table compares runs by them), the
         evaluation metrics on the evaluation runs with the held-out set as their input (and on the logged
         model, after training), the report folder and summary.json; then the runs are finished."""
-        for k, v in summary.headline_metrics().items():
-            if v == v:  # NaN: no such metric
-                self.client.log_metric(self.parent, k, float(v))
+        log_metrics(self.client, self.parent, summary.headline_metrics())
         for stage, metrics in summary.eval_metrics().items():
             digest = (
                 self.dataset(stage, "held-out problems", *self.held_out, "evaluation")
                 if self.held_out
                 else None
             )
-            model_id = self.model_id if stage == "eval-after" else None
-            for k, v in metrics.items():
-                if v == v:
-                    self.client.log_metric(
-                        self.child(stage), k, float(v), model_id=model_id,
-                        dataset_name="held-out problems" if digest else None, dataset_digest=digest,
-                    )  # fmt: skip
+            log_metrics(
+                self.client, self.child(stage), metrics,
+                model_id=self.model_id if stage == "eval-after" else None,
+                dataset_name="held-out problems" if digest else None, dataset_digest=digest,
+            )  # fmt: skip
         self.artifacts("report", Path(summary.out_dir) / "eval")
         self.artifacts("report", summary_json)
         self.finish()
@@ -352,17 +341,18 @@ class ExperimentTracker:
     def finish(self, out: Path, rows: list[Any], summaries: dict[str, RunSummary]) -> None:
         """``rows``: ``fcdpo.experiment.ArmResult`` per arm; ``out``: the folder holding the report files."""
         c, parent = self.client, self.run_id
+        on_parent: dict[str, float] = {}
         for r in rows:
-            run = summaries[r.arm].mlflow.run_id if summaries[r.arm].mlflow else None
-            for t, v in r.vs_baseline.items():
-                for key, val in (("vs_baseline", v["difference"]), ("vs_baseline_mcnemar_p", v["mcnemar_p"])):
-                    if val != val:  # NaN: no paired difference (the baseline itself)
-                        continue
-                    if run:
-                        c.log_metric(run, f"{t}.{key}", float(val))
-                    c.log_metric(parent, f"{r.arm}.{t}.{key}", float(val))
-            for t, m in r.accuracy.items():
-                c.log_metric(parent, f"{r.arm}.{t}.accuracy", float(m["accuracy"]))
+            vs = {
+                f"{t}.{key}": v[field]
+                for t, v in r.vs_baseline.items()
+                for key, field in (("vs_baseline", "difference"), ("vs_baseline_mcnemar_p", "mcnemar_p"))
+            }  # NaN for the baseline itself (no paired difference): not logged
+            if summaries[r.arm].mlflow:
+                log_metrics(c, summaries[r.arm].mlflow.run_id, vs)
+            on_parent.update({f"{r.arm}.{k}": v for k, v in vs.items()})
+            on_parent.update({f"{r.arm}.{t}.accuracy": m["accuracy"] for t, m in r.accuracy.items()})
+        log_metrics(c, parent, on_parent)
         for f in ("report.md", "comparison.json", "accuracy_by_arm.png", "accuracy_by_round.png"):
             if (out / f).is_file():
                 c.log_artifact(parent, str(out / f))
@@ -370,6 +360,24 @@ class ExperimentTracker:
 
     def fail(self) -> None:
         self.client.set_terminated(self.run_id, "FAILED")
+
+
+def log_metrics(client: Any, run: str, metrics: dict[str, Any], step: int = 0, **link: str | None) -> None:
+    """The numeric, non-NaN ``metrics`` on ``run`` in batched calls (one store transaction per 1,000
+    metrics, MLflow's batch limit, instead of one per metric); ``link``: model_id / dataset_name /
+    dataset_digest, tying them to a logged model and the dataset they were measured on."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step, **link)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and v == v
+    ]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run, metrics=items[i : i + 1000])
 
 
 def sample_rows(path: Path, n: int = 5) -> list[dict[str, Any]]:

@@ -252,6 +252,11 @@ def test_an_experiment_shares_stages_reports_and_trains_only_an_added_arm(harnes
     assert sorted(by_task["train-student"]) == ["Cached", "Cached", "Completed"]
     assert set(by_task["sample-shard"]) == {"Cached"}
     assert [a.arm for a in state.result().arms] == ["capped", "best-vs-worst", "sft"]
+    # a cached arm keeps the seconds its training took (not this run's clock over a cache hit) and its
+    # report is not drawn again
+    again = {a.arm: a for a in state.result().arms}
+    assert again["best-vs-worst"].training_seconds == bvw["training_seconds"] > 0
+    assert sorted(by_task["write-report"]) == ["Cached", "Cached", "Completed"]
 
 
 def test_a_round_killed_mid_training_resumes_and_finished_rounds_are_not_redone(
