@@ -417,9 +417,10 @@ def chain_tokens(
 
 @dataclass(frozen=True, kw_only=True)
 class TrainPlan(Plan):
-    """Peak memory of one DPO step, estimated from the model's shape and the longest batch."""
+    """Peak memory of one training step (DPO: a chosen and a rejected sequence per pair; SFT: one per
+    example), estimated from the model's shape and the longest batch."""
 
-    what = "DPO step"
+    what: str = "DPO step"
     activations: int
     logits: int
     batch_size: int
@@ -431,7 +432,7 @@ class TrainPlan(Plan):
 
     def describe(self) -> str:
         return (
-            f"{self.device} DPO step: {self.figures()} (batch {self.batch_size} pairs, up to {self.max_tokens} "
+            f"{self.device} {self.what}: {self.figures()} (batch {self.batch_size}, up to {self.max_tokens} "
             f"tokens) = {gib(self.needed)}; available {gib(self.available)} ({self.memory})"
         )
 
@@ -455,13 +456,15 @@ def plan_training(
     setting: str = "student.training",
     memory: MachineMemory | None = None,
     gpus: GpuMemory | None = None,
+    sequences: int = 2,
 ) -> TrainPlan:
-    """One DPO step holds the weights, and for each of its 2 x batch sequences (chosen and rejected) and
+    """One DPO step holds the weights, and for each of its 2 x batch sequences (chosen and rejected; an SFT
+    step: ``sequences=1``, one per example) and
     each token: the layers' activations kept for backward (~16 hidden-sized vectors a layer) and the
     vocabulary's logits (float32, with the log-softmax and gradient copies ~1.25 of them live at peak).
     Fitted on this machine: gemma-3-270m, batch 4, 378 tokens: 7.2 GiB taken from MemAvailable at peak."""
     shape = model_shape(model_dir)
-    rows = 2 * batch_size
+    rows = sequences * batch_size
     activations = rows * max_tokens * shape.layers * 16 * shape.hidden * dtype_bytes
     logits = int(rows * max_tokens * shape.vocab * 4 * 1.25)
     if gpu:
@@ -476,4 +479,5 @@ def plan_training(
     return TrainPlan(
         **_machine(gpu, weights, runtime, available, words, setting),
         activations=activations, logits=logits, batch_size=batch_size, max_tokens=max_tokens,
+        what="DPO step" if sequences == 2 else "SFT step",
     )  # fmt: skip

@@ -520,7 +520,7 @@ def train_dpo(
     if sft:
         data = tokenize_correct(tok, rows, spec, cfg.mask_tool_outputs)
         longest = max(min(len(x), cfg.max_length) for x in data["input_ids"])
-        memory = plan_training(model, cfg.batch_size, longest, gpu=gpu).check()
+        memory = plan_training(model, cfg.batch_size, longest, gpu=gpu, sequences=1).check()
     else:
         data = tokenize_pairs(tok, rows, spec, cfg.mask_tool_outputs)
         memory = memory_plan(model, data, cfg, gpu)  # before the weights are loaded: fail fast

@@ -92,6 +92,14 @@ def test_a_dpo_step_that_cannot_fit_says_what_to_lower(gemma):
     assert plan_training(gemma, 1, 64, memory=MachineMemory(int(24 * GiB), int(20 * GiB))).fits
 
 
+def test_an_sft_step_counts_one_sequence_per_example(gemma):
+    # the SFT baseline failed on a fresh machine's node 0 when it was sized as a DPO step (2 sequences)
+    mem = MachineMemory(int(24 * GiB), int(8 * GiB))
+    dpo, sft = (plan_training(gemma, 4, 540, memory=mem, sequences=n) for n in (2, 1))
+    assert (sft.activations, sft.logits) == (dpo.activations // 2, dpo.logits // 2)
+    assert not dpo.fits and sft.fits and "SFT step" in sft.describe()
+
+
 def test_this_machines_memory_is_read():
     m = machine_memory()
     assert 0 < m.available <= m.total and 0 < m.usable <= m.available
