@@ -170,10 +170,18 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def _run_flow(cmd: str, server: EphemeralAPI | None, call: Any) -> Any:
     """Wait for the temporary API (if any), run the flow; its result, or None (the cause printed)."""
+    from prefect.settings import temporary_settings
+
+    # Heartbeats are for a server whose automation marks silent runs Crashed (`fcdpo deploy`); a temporary
+    # API goes with the process and nothing watches it, and each flow run's heartbeat thread costs up to
+    # 1 s at exit (it sleeps in 1 s steps): an experiment is 1 + one per arm.
+    settings = {}
     if server is not None:
         print(f"fcdpo {cmd}: no PREFECT_API_URL: a temporary Prefect API at {server.url}", file=sys.stderr)
         server.wait()
-    state = call()
+        settings = {"flows.heartbeat_frequency": None}
+    with temporary_settings(updates=settings):
+        state = call()
     if not state.is_completed():
         print(f"fcdpo {cmd}: the flow ended {state.name}: {_cause(state)}", file=sys.stderr)
         return None
