@@ -24,7 +24,7 @@ from fcdpo.models import model_identity
 from fcdpo.sampling import ShardResult
 from fcdpo.stages import EvalJob, SamplingJob, run_dir, stage_dir
 from fcdpo.training import TrainResult
-from tasks.common import Engines
+from tasks.common import Engines, fresh
 from tasks.stages import build_teacher_prompt, evaluate_student, load_problems, sample_shard, train_student
 
 
@@ -52,7 +52,7 @@ def train_flow(config: RunConfig, pairs_parquet: str, out: str | None = None) ->
     """DPO (LoRA) of ``config.student`` on an existing pairs file."""
     student_id = model_identity(config.student.model, config.student.backend)
     out = out or str(run_dir(config) / "training")
-    return train_student(Path(pairs_parquet), config.student.for_training(), student_id, out)
+    return fresh(train_student, Path(pairs_parquet), config.student.for_training(), student_id, out)
 
 
 @flow(name="evaluate", persist_result=True)
@@ -64,7 +64,7 @@ def evaluate_flow(config: RunConfig, adapter: str | None = None, out: str | None
     try:
         student_id = model_identity(config.student.model, config.student.backend)
         adapter_dir = Path(adapter) if adapter else None
-        return evaluate_student(split.test, EvalJob.of(config), student_id, adapter_dir, out, engines)
+        return fresh(evaluate_student, split.test, EvalJob.of(config), student_id, adapter_dir, out, engines)
     finally:
         engines.close()
 

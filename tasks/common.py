@@ -12,7 +12,7 @@ import concurrent.futures
 import functools
 import inspect
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,42 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def missing_files(result: Any) -> bool:
-    """Whether a stage result names files that are no longer on disk (the run folder was deleted)."""
+    """Whether a stage result names files that are no longer on disk (the run folder was deleted). Enough
+    for shard files, which are named by their inputs' identity; other stages use :func:`fresh`."""
     return any(not Path(p).exists() for p in result.files())
+
+
+@dataclass(frozen=True)
+class Stamped:
+    """A cached task's result with the stamp of the files it stands for, taken when it was made."""
+
+    value: Any
+    stamp: str | None
+
+
+def files_stamp(paths: Sequence[str | Path]) -> str | None:
+    """Path, size and modification time of every file (folders walked); None when one is missing."""
+    entries = []
+    for path in map(Path, paths):
+        if not path.exists():
+            return None
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                st = f.stat()
+                entries.append([str(f), st.st_size, st.st_mtime_ns])
+    return digest(entries, 32)
+
+
+def stamped(fn: Any) -> Any:
+    """``fn`` returning :class:`Stamped` (for a task run through :func:`fresh`); same name, signature and
+    source, so the task's parameters and cache key do not change."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Stamped:
+        result = fn(*args, **kwargs)
+        return Stamped(result, files_stamp(result.files()))
+
+    return run
 
 
 def opaque_args(args: Sequence[Any]) -> list[Any]:
@@ -75,13 +109,16 @@ def opaque_args(args: Sequence[Any]) -> list[Any]:
 
 
 def fresh(task: Any, *args: Any) -> Any:
-    """Run a cached task; if its cached result names files that no longer exist, run it again with the
-    cache refreshed instead of trusting the stale result."""
-    result = task(*opaque_args(args))
-    if not missing_files(result):
-        return result
-    get_run_logger().warning(f"{task.name}: cached outputs are missing on disk; recomputing")
-    return task.with_options(refresh_cache=True)(*opaque_args(args))
+    """Run a cached task (made with :func:`stamped`) and return its result. A cached result stands for
+    files in the run folder; if they are gone, or were written again since (another config's run in the
+    same folder), the result is made again with the cache refreshed instead of trusted."""
+    out = task(*opaque_args(args))
+    if isinstance(out, Stamped) and out.stamp is not None and out.stamp == files_stamp(out.value.files()):
+        return out.value
+    files = out.value.files() if isinstance(out, Stamped) else []
+    why = "missing on disk" if files_stamp(files) is None else "changed on disk since it was cached"
+    get_run_logger().warning(f"{task.name}: the cached result's files are {why}; recomputing")
+    return task.with_options(refresh_cache=True)(*opaque_args(args)).value
 
 
 class Engines:

@@ -27,7 +27,7 @@ from fcdpo.sampling import ShardResult
 from fcdpo.sampling import pool_chains as pool_chains_lib
 from fcdpo.stages import EvalJob, SamplingJob
 from fcdpo.training import TrainResult
-from tasks.common import Engines, content_key, transient
+from tasks.common import Engines, content_key, stamped, transient
 
 CACHED = dict(cache_key_fn=content_key, persist_result=True)
 RETRIED = dict(
@@ -36,10 +36,10 @@ RETRIED = dict(
 
 load_problems = task(stages.load_problems, name="load-problems", **CACHED)
 build_teacher_prompt = task(stages.teacher_prompt, name="build-teacher-prompt", **CACHED)
-gather_chains = task(stages.gather_chains, name="gather-chains", **CACHED)
-build_pairs = task(stages.build_pairs, name="build-pairs", **CACHED)
-concat_pairs = task(concat_pairs_lib, name="concat-pairs", **CACHED)
-pool_chains = task(pool_chains_lib, name="pool-chains", **CACHED)
+gather_chains = task(stamped(stages.gather_chains), name="gather-chains", **CACHED)
+build_pairs = task(stamped(stages.build_pairs), name="build-pairs", **CACHED)
+concat_pairs = task(stamped(concat_pairs_lib), name="concat-pairs", **CACHED)
+pool_chains = task(stamped(pool_chains_lib), name="pool-chains", **CACHED)
 
 
 @task(name="sample-shard", tags=["engine"], **CACHED, **RETRIED)
@@ -56,6 +56,7 @@ def sample_shard(
 # capture the ``dis`` output it parses, and the bytecode of TRL's helpers lands in the run's logs. The
 # training metrics reach the logs through ``_log_step`` instead.
 @task(name="train-student", tags=["engine"], log_prints=False, **CACHED, **RETRIED)
+@stamped
 def train_student(
     pairs_parquet: Path,
     student: StudentConfig,
@@ -76,6 +77,7 @@ def _log_step(step: int, metrics: dict[str, float]) -> None:
 
 
 @task(name="evaluate-student", tags=["engine"], **CACHED, **RETRIED)
+@stamped
 def evaluate_student(
     test: ProblemSet, job: EvalJob, model_id: str, adapter: Path | None, out_dir: str, engines: Engines
 ) -> EvalResult:
@@ -100,6 +102,7 @@ class ReportFiles:
 
 
 @task(name="write-report", **CACHED)
+@stamped
 def write_report(
     out_dir: str,
     before: EvalResult,
@@ -114,6 +117,7 @@ def write_report(
 
 
 @task(name="write-comparison", **CACHED)
+@stamped
 def write_comparison(out_dir: str, rows: list[ArmResult], baseline: str, title: str) -> ReportFiles:
     """An experiment's report.md, comparison.json and plots by arm (and round); keyed by the arms' rows."""
     text = experiment.write_comparison(Path(out_dir), rows, baseline, title)

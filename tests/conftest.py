@@ -1,11 +1,27 @@
 import contextlib
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The session's own Prefect home and result storage, never the user's ~/.prefect: the storage holds every
+# cached task result, and cache keys name run folders under pytest's tmp paths, which repeat from one
+# session to the next (/tmp/pytest-of-<user>/pytest-0/...). Sharing it, a result cached by an earlier
+# session answered this session's runs from cache (the project's CI, run on a machine where tests had run
+# before, failed 6 tests that way). Prefect 3.7 derives the storage path from ~/.prefect whatever
+# PREFECT_HOME says, so both are set (the servers of test_deployments.py and their workers inherit them).
+PREFECT_HOME = tempfile.mkdtemp(prefix="fcdpo-tests-prefect-")
+os.environ["PREFECT_HOME"] = PREFECT_HOME
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(PREFECT_HOME, "storage")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

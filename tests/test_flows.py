@@ -73,6 +73,20 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
     by_task = dict(_task_states(changed.state_details.flow_run_id))
     assert by_task["sample-shard"] == "Cached" and by_task["gather-chains"] == "Cached"
     assert by_task["build-pairs"] == "Completed" and by_task["train-student"] == "Completed"
+    assert changed.result().pairs < summary.pairs
+
+    # back to the first config: its cached results name run-folder files that the changed run wrote
+    # again, so they are made again (not trusted), and the run is the first run's, pairs file included
+    back = pipeline(cfg, uri, return_state=True)
+    assert back.is_completed(), back
+    states = _task_states(back.state_details.flow_run_id)
+    assert {("build-pairs", "Completed"), ("train-student", "Completed")} <= states, states
+    assert ("gather-chains", "Completed") not in states  # chains.jsonl was not written again
+    import pyarrow.parquet as pq
+
+    on_disk = pq.read_metadata(tmp_path / "runs" / cfg.name / "pairs" / "pairs.parquet").num_rows
+    assert back.result().pairs == summary.pairs == on_disk
+    assert back.result().comparison == summary.comparison
 
 
 def test_deleted_run_folder_is_recomputed_not_trusted(harness, tmp_path, tiny_model):

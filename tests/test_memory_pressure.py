@@ -25,19 +25,29 @@ BALLAST = (
 def ballast():
     """Hold all but 3.5 GiB of the memory an engine could use (the default model's engine needs 4.54; the
     Prefect API's sqlite store and the test process keep room to work: with 2 GiB left it once reported
-    "database is locked")."""
-    size = machine_memory().usable - int(3.5 * GiB)
-    if size <= 0:
-        pytest.skip("less than 3.5 GiB available: the machine is already under pressure")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BALLAST, str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
+    "database is locked"). A freshly started machine's NUMA node 0 grows while the ballast fills it, so
+    the ballast grows too (one more process per step), until what is left stays under 4 GiB."""
+    procs: list[subprocess.Popen] = []
+    held = 0
     try:
-        assert proc.stdout.readline().strip() == b"ready"
-        yield size
+        for _ in range(8):
+            size = machine_memory().usable - int(3.5 * GiB)
+            if size < int(0.5 * GiB):
+                break
+            proc = subprocess.Popen(
+                [sys.executable, "-c", BALLAST, str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            procs.append(proc)
+            assert proc.stdout.readline().strip() == b"ready"
+            held += size
+            time.sleep(1)  # let the node's counters catch up before measuring again
+        if not held:
+            pytest.skip("less than 4 GiB available: the machine is already under pressure")
+        yield held
     finally:
-        proc.kill()
-        proc.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_an_engine_that_cannot_fit_fails_at_once_and_is_not_retried(harness, ballast, tmp_path, tiny_model):
