@@ -14,7 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # session to the next (/tmp/pytest-of-<user>/pytest-0/...). Sharing it, a result cached by an earlier
 # session answered this session's runs from cache (the project's CI, run on a machine where tests had run
 # before, failed 6 tests that way). Prefect 3.7 derives the storage path from ~/.prefect whatever
-# PREFECT_HOME says, so both are set (the servers of test_deployments.py and their workers inherit them).
+# PREFECT_HOME says (PrefectHQ/prefect#23046), so both are set (test_deployments.py's servers and
+# workers inherit them).
 PREFECT_HOME = tempfile.mkdtemp(prefix="fcdpo-tests-prefect-")
 os.environ["PREFECT_HOME"] = PREFECT_HOME
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(PREFECT_HOME, "storage")
