@@ -239,8 +239,12 @@ class Tracker:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         # MLflow resolves a "models:/<id>" source through the process-wide tracking URI, not this client's
-        # (a TODO in its sqlalchemy store): point it at this store for the call
-        previous = self._mlflow.get_tracking_uri()
+        # (a TODO in its sqlalchemy store): point it at this store for the call, then put back exactly what
+        # was there. set_tracking_uri also writes $MLFLOW_TRACKING_URI (for subprocesses); restoring with
+        # get_tracking_uri()'s resolved default would leave that variable set in the caller's process.
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        previous, previous_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
         self._mlflow.set_tracking_uri(self.uri)
         try:
             self.client.create_model_version(
@@ -251,7 +255,11 @@ class Tracker:
                 model_id=model_id,
             )
         finally:
-            self._mlflow.set_tracking_uri(previous)
+            self._mlflow.set_tracking_uri(previous)  # None: unset again
+            if previous_env is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
+            else:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
 
     def _flow_run_tags(self) -> dict[str, str]:
         return {"prefect.flow_run_id": self.flow_run_id} if self.flow_run_id else {}

@@ -4,6 +4,7 @@ Tiny config: the oracle teacher (gold solutions with injected errors), a tiny ra
 two DPO steps, evaluated through the oracle backend. Asserts lineage in MLflow and content-hash caching.
 """
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,11 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_run_config(tmp_path, tiny_model)
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     state = pipeline(cfg, uri, return_state=True)
     assert state.is_completed(), state
+    # registering the model pointed MLflow's process-wide URI at this store for one call, and put it back
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     summary = state.result()
     assert summary.pairs > 0 and summary.training.steps == 2
     assert set(summary.comparison) == {"fol", "arith", "all"}
