@@ -160,6 +160,14 @@ class StudentConfig(_Strict):
         "they are labelled and paired, and training continues from it (see round)",
     )
     round: RoundsConfig = Field(default_factory=RoundsConfig, description="how rounds >= 2 run")
+    on_policy_samples: int = Field(
+        0,
+        ge=0,
+        description="round 1: the untrained student also samples this many chains per training problem the "
+        "teacher solved, in its own prompt (temperature: round.temperature), and the pairs are the teacher's "
+        "correct chains (chosen) x the student's own incorrect ones (rejected), as round.chosen_from_teacher "
+        "pairs them in later rounds; 0: the paper's pairs, the teacher's correct x incorrect chains",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -173,7 +181,7 @@ class StudentConfig(_Strict):
     def for_training(self) -> StudentConfig:
         """What one round's training depends on (cache keys): the rounds settings reset to their defaults,
         so an arm with 2 rounds shares its first round with a 1-round arm."""
-        return self.model_copy(update={"rounds": 1, "round": RoundsConfig()})
+        return self.model_copy(update={"rounds": 1, "round": RoundsConfig(), "on_policy_samples": 0})
 
     def for_serving(self) -> StudentConfig:
         """What serving the student for evaluation depends on (cache keys): no training settings but the

@@ -66,6 +66,7 @@ __all__ = [
     "round_student",
     "run_dir",
     "sample_shard",
+    "solved",
     "stage_dir",
     "teacher_prompt",
     "train_student",
@@ -300,9 +301,16 @@ def round_problems(train: ProblemSet, k: int, cfg: StudentConfig) -> ProblemSet:
     return ProblemSet(f"{train.name}[round {k}]", tuple(p for i, p in enumerate(train) if i % parts == k - 1))
 
 
-def round_sampler(cfg: RunConfig, policy: Path) -> TeacherConfig:
+def solved(train: ProblemSet, chains: ChainsResult) -> ProblemSet:
+    """The training problems with at least one correct chain in ``chains`` (the only ones whose pairs can
+    have a teacher's chain on the chosen side)."""
+    ids = {r.problem_id for r in read_jsonl(chains.path) if r.verdict == "correct"}
+    return ProblemSet(f"{train.name}[solved]", tuple(p for p in train if p.id in ids))
+
+
+def round_sampler(cfg: RunConfig, policy: str | Path, samples: int | None = None) -> TeacherConfig:
     """The student of the last round as the sampler of the next (on-policy: its own zero-shot prompt, the
-    student's backend, ``student.round`` chains per problem and temperature)."""
+    student's backend, ``student.round`` chains per problem (or ``samples``) and temperature)."""
     r, s = cfg.student.round, cfg.teacher.sampling
     return TeacherConfig(
         model=str(policy),
@@ -312,7 +320,7 @@ def round_sampler(cfg: RunConfig, policy: Path) -> TeacherConfig:
         n_demonstrations=0,
         sampling=s.model_copy(
             update={
-                "samples_per_problem": r.samples_per_problem or s.samples_per_problem,
+                "samples_per_problem": samples or r.samples_per_problem or s.samples_per_problem,
                 "temperature": r.temperature,
             }
         ),

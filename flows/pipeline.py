@@ -30,7 +30,7 @@ from fcdpo.models import model_identity
 from fcdpo.pairs import PairsResult
 from fcdpo.problems import ProblemSet
 from fcdpo.report import ExtraSetSummary, RoundSummary, RunSummary, Stopwatch
-from fcdpo.sampling import split_shards
+from fcdpo.sampling import ChainsResult, split_shards
 from fcdpo.stages import (
     EvalJob,
     RoundResult,
@@ -41,6 +41,7 @@ from fcdpo.stages import (
     round_sampler,
     round_student,
     run_dir,
+    solved,
     stage_dir,
 )
 from flows.executors import sample_shards
@@ -88,10 +89,26 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
                 chains = fresh(gather_chains, shards, str(stage_dir(cfg, "chains.jsonl", shards)))
             tracker.chains(chains)
 
+        # 2b. (student.on_policy_samples) the untrained student samples its own chains on the problems the
+        #     teacher solved: its incorrect ones become the rejected side of the pairs (on-policy negatives)
+        paired = chains
+        if "sample" in stages and "pairs" in stages and cfg.student.on_policy_samples:
+            with clock("student_sampling"):
+                problems = solved(split.train, chains)
+                policy = cfg.student.model
+                own = _student_chains(
+                    cfg, "student", problems, policy, cfg.student.on_policy_samples, engines
+                )
+                paired = fresh(pool_chains, own, chains, str(stage_dir(cfg, "pooled.jsonl", own, chains)))
+            get_run_logger().info(
+                f"the untrained student's own chains: {own.correct} of {own.chains} correct, on "
+                f"{len(problems)} problems the teacher solved"
+            )
+
         # 3. preference pairs: every correct x every incorrect chain per prompt (capped)
         if "pairs" in stages:
             with clock("pairs"):
-                args = (chains, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling)
+                args = (paired, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling)
                 pairs = fresh(build_pairs, *args, str(stage_dir(cfg, "pairs", *args)))
             tracker.pairs(pairs)
 
@@ -171,15 +188,7 @@ def _next_round(
     round's pairs when ``student.round.keep_pairs``), training continues from it, the new student is
     evaluated. Every step is a cached task: a finished round is never redone."""
     r, policy = f"round-{k}", done[-1].student()
-    sampler = round_sampler(cfg, policy)
-    job = SamplingJob(teacher=sampler, limits=cfg.agent, prompt=cfg.student.prompt, labelling=cfg.labelling)
-    policy_id = model_identity(str(policy), sampler.backend)
-    shards_dir = str(stage_dir(cfg, f"{r}/shards", job, policy_id))
-    shards = [
-        sample_shard(shard, job, policy_id, shards_dir, engines)
-        for shard in split_shards(round_problems(split.train, k, cfg.student), sampler.sampling.shard_size)
-    ]
-    chains = fresh(gather_chains, shards, str(stage_dir(cfg, f"{r}/chains.jsonl", shards)))
+    chains = _student_chains(cfg, r, round_problems(split.train, k, cfg.student), policy, None, engines)
     paired = chains
     if cfg.student.round.chosen_from_teacher:  # + the teacher's correct chains (round 1's chains)
         paired = fresh(
@@ -205,12 +214,29 @@ def _next_round(
     args = (pairs.parquet, student, model_identity(student.model, student.backend))
     out = str(stage_dir(cfg, f"{r}/training", *args, init))
     trained = fresh(train_student, *args, out, tracker.sink(r), init)
+    policy_id = model_identity(str(policy), cfg.student.backend)
     result = RoundResult(k, policy_id, chains, pairs, trained, student.model)
     if "evaluate" in cfg.stages:
         ev = _with_student(cfg, result.student())
         result.evaluation = _evaluate(ev, split.test, None, f"{r}/eval", engines)
     tracker.round(result, init)
     return result
+
+
+def _student_chains(
+    cfg: RunConfig, name: str, problems: ProblemSet, policy: str | Path, samples: int | None, engines: Engines
+) -> ChainsResult:
+    """The student ``policy`` (a model folder or name) samples chains on ``problems`` in its own prompt
+    (``samples`` per problem, default ``student.round``'s), labelled, in ``<name>/chains.jsonl``."""
+    sampler = round_sampler(cfg, policy, samples)
+    job = SamplingJob(teacher=sampler, limits=cfg.agent, prompt=cfg.student.prompt, labelling=cfg.labelling)
+    policy_id = model_identity(str(policy), sampler.backend)
+    shards_dir = str(stage_dir(cfg, f"{name}/shards", job, policy_id))
+    shards = [
+        sample_shard(shard, job, policy_id, shards_dir, engines)
+        for shard in split_shards(problems, sampler.sampling.shard_size)
+    ]
+    return fresh(gather_chains, shards, str(stage_dir(cfg, f"{name}/chains.jsonl", shards)))
 
 
 def teacher_id(cfg: RunConfig) -> str:
