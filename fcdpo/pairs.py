@@ -65,6 +65,12 @@ class PairsConfig(ConfigModel):
     strip_failed_tries: bool = Field(
         True, description="remove failed tries (invalid reply + error) from completions"
     )
+    rejected_keeps_failed_tries: bool = Field(
+        False,
+        description="keep the failed tries in rejected completions (strip_failed_tries then applies to chosen "
+        "ones only): a weak student's incorrect chains are often nothing but failed tries, which stripped "
+        "leave an empty rejected completion (no signal); kept, DPO pushes down the replies that failed",
+    )
     seed: int = Field(0, description="seed of the pair sampling")
 
     @model_validator(mode="before")
@@ -169,9 +175,10 @@ class PairBuilder:
         if verdict is Verdict.ABORTED:
             g.n_aborted += 1
             return
-        msgs = [m for m in r.messages if not m.failed] if self.cfg.strip_failed_tries else r.messages
-        text = json.dumps([[m.role, m.content] for m in msgs], ensure_ascii=False, separators=(",", ":"))
         good = verdict is Verdict.CORRECT
+        strip = self.cfg.strip_failed_tries and (good or not self.cfg.rejected_keeps_failed_tries)
+        msgs = [m for m in r.messages if not m.failed] if strip else r.messages
+        text = json.dumps([[m.role, m.content] for m in msgs], ensure_ascii=False, separators=(",", ":"))
         if self.cfg.dedup:
             seen = g.seen_correct if good else g.seen_incorrect
             if text in seen:

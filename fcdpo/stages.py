@@ -16,7 +16,15 @@ method's order. Without Prefect (a notebook), call them in that same order::
     with cfg.teacher.engine().open(teacher.to_sample, job.workload(shards[0])) as backend:
         sampled = [stages.sample_shard(shard, job, out / "shards", backend) for shard in shards]
     chains = stages.gather_chains(sampled, out / "chains.jsonl")
-    args = (chains, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling, out / "pairs")
+    paired = chains
+    if cfg.student.on_policy_samples:  # the untrained student's own incorrect chains: the rejected side
+        solved = stages.solved(split.train, chains)
+        own_job = stages.student_job(cfg, cfg.student.model, cfg.student.on_policy_samples)
+        with own_job.teacher.engine().open(solved, own_job.workload(solved)) as backend:
+            own = stages.sample_shard(solved, own_job, out / "student", backend)
+        own = stages.gather_chains([own], out / "student.jsonl")
+        paired = stages.pool_chains(own, chains, out / "pooled.jsonl")
+    args = (paired, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling, out / "pairs")
     pairs = stages.build_pairs(*args)
     trained = stages.train_student(pairs.parquet, cfg.student, out / "training")
     ev, result = stages.EvalJob.of(cfg), {}
@@ -47,7 +55,7 @@ from fcdpo.models import merge_adapter, resolve_model
 from fcdpo.pairs import PairsConfig, PairsResult
 from fcdpo.problems import ProblemSet, load_source
 from fcdpo.records import read_jsonl
-from fcdpo.sampling import ChainsResult, ShardResult, gather_chains, split_shards
+from fcdpo.sampling import ChainsResult, ShardResult, gather_chains, pool_chains, split_shards
 from fcdpo.training import MetricsSink, TrainResult, train_dpo
 
 __all__ = [
@@ -61,6 +69,7 @@ __all__ = [
     "gather_chains",
     "load_extra_sets",
     "load_problems",
+    "pool_chains",
     "round_problems",
     "round_sampler",
     "round_student",
@@ -68,6 +77,7 @@ __all__ = [
     "sample_shard",
     "solved",
     "stage_dir",
+    "student_job",
     "teacher_prompt",
     "train_student",
 ]
@@ -306,6 +316,17 @@ def solved(train: ProblemSet, chains: ChainsResult) -> ProblemSet:
     have a teacher's chain on the chosen side)."""
     ids = {r.problem_id for r in read_jsonl(chains.path) if r.verdict == "correct"}
     return ProblemSet(f"{train.name}[solved]", tuple(p for p in train if p.id in ids))
+
+
+def student_job(cfg: RunConfig, policy: str | Path, samples: int | None = None) -> SamplingJob:
+    """The student ``policy`` (a model folder or name) sampling in its own prompt: round 1's on-policy
+    negatives (``samples``: ``student.on_policy_samples``) and rounds >= 2 (``student.round``'s)."""
+    return SamplingJob(
+        teacher=round_sampler(cfg, policy, samples),
+        limits=cfg.agent,
+        prompt=cfg.student.prompt,
+        labelling=cfg.labelling,
+    )
 
 
 def round_sampler(cfg: RunConfig, policy: str | Path, samples: int | None = None) -> TeacherConfig:

@@ -34,15 +34,14 @@ from fcdpo.sampling import ChainsResult, split_shards
 from fcdpo.stages import (
     EvalJob,
     RoundResult,
-    SamplingJob,
     Split,
     load_extra_sets,
     round_problems,
-    round_sampler,
     round_student,
     run_dir,
     solved,
     stage_dir,
+    student_job,
 )
 from flows.executors import sample_shards
 from tasks.common import Engines, fresh, opaque_args
@@ -228,13 +227,12 @@ def _student_chains(
 ) -> ChainsResult:
     """The student ``policy`` (a model folder or name) samples chains on ``problems`` in its own prompt
     (``samples`` per problem, default ``student.round``'s), labelled, in ``<name>/chains.jsonl``."""
-    sampler = round_sampler(cfg, policy, samples)
-    job = SamplingJob(teacher=sampler, limits=cfg.agent, prompt=cfg.student.prompt, labelling=cfg.labelling)
-    policy_id = model_identity(str(policy), sampler.backend)
+    job = student_job(cfg, policy, samples)
+    policy_id = model_identity(str(policy), job.teacher.backend)
     shards_dir = str(stage_dir(cfg, f"{name}/shards", job, policy_id))
     shards = [
         sample_shard(shard, job, policy_id, shards_dir, engines)
-        for shard in split_shards(problems, sampler.sampling.shard_size)
+        for shard in split_shards(problems, job.teacher.sampling.shard_size)
     ]
     return fresh(gather_chains, shards, str(stage_dir(cfg, f"{name}/chains.jsonl", shards)))
 

@@ -4,6 +4,7 @@ Bad experiment files fail before anything runs, naming the arm and key; the SFT 
 round train for real (TRL on the tiny model); arms share their common stages through the cache.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,36 @@ def test_a_round_without_pairs_stops_the_rounds_and_the_teachers_correct_chains_
     assert state.is_completed(), state
     two = state.result().rounds[1]
     assert two.correct_chains == 0 and two.pairs > 0 and two.steps == 2
+
+
+def test_on_policy_samples_pair_the_teachers_correct_chains_with_the_students_own_incorrect_ones(
+    harness, tmp_path, tiny_model
+):
+    import pyarrow.parquet as pq
+
+    from fcdpo.records import read_jsonl
+    from flows.pipeline import pipeline
+
+    # the student (the oracle erring on every chain) samples 3 chains on each problem the teacher solved
+    over = {"student.on_policy_samples": 3, "student.backend_options": {"error_rate": 1.0}}
+    cfg = tiny_run_config(tmp_path, tiny_model, **over)
+    state = pipeline(cfg, f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
+    assert state.is_completed(), state
+    run = Path(cfg.out_dir) / cfg.name
+    teacher = list(read_jsonl(run / "chains.jsonl"))
+    own = list(read_jsonl(run / "student" / "chains.jsonl"))
+    solved = {r.problem_id for r in teacher if r.verdict == "correct"}
+    assert solved and {r.problem_id for r in own} == solved and len(own) == 3 * len(solved)
+    assert not any(r.verdict == "correct" for r in own)
+
+    def text(r):  # a chain as the pairs keep it (failed tries stripped)
+        return json.dumps(
+            [[m.role, m.content] for m in r.messages if not m.failed],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    rows = pq.read_table(run / "pairs" / "pairs.parquet").to_pylist()
+    assert rows and state.result().training.steps == 2
+    assert {r["chosen_messages"] for r in rows} <= {text(r) for r in teacher if r.verdict == "correct"}
+    assert {r["rejected_messages"] for r in rows} <= {text(r) for r in own}  # never the teacher's own errors

@@ -102,6 +102,16 @@ def test_failed_tries_are_stripped_from_completions_by_default():
     assert r["chosen"].startswith(" Add(2,\nError: x\n>>> Answer(5)")
 
 
+def test_rejected_completions_can_keep_their_failed_tries():
+    # a weak student's incorrect chain: a failed try, then a wrong answer; the correct chain also failed once
+    recs = [chain(P1, 0, 5, failed_first=True), chain(P1, 1, 6, failed_first=True)]
+    [r] = rows(PairsConfig(rejected_keeps_failed_tries=True), recs)
+    assert r["chosen"].startswith(" Answer(5)")  # chosen: stripped as before
+    assert r["rejected"].startswith(" Add(2,\nError: x\n>>> Reasoning(")  # rejected: as the model wrote it
+    [r] = rows(PairsConfig(), recs)
+    assert r["rejected"].startswith(" Reasoning(")
+
+
 def test_aborted_chains_are_never_paired():
     recs = [chain(P1, 0, 5), chain(P1, 1, 6, stop="aborted")]
     assert rows(PairsConfig(), recs) == []

@@ -37,10 +37,12 @@ def test_cli_reports_config_errors_without_output(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_library_stages_run_in_a_notebook_without_prefect(tmp_path, tiny_model):
+@pytest.mark.parametrize("on_policy", [0, 2])
+def test_library_stages_run_in_a_notebook_without_prefect(tmp_path, tiny_model, on_policy):
     """The code in fcdpo/stages.py's docstring, run as written (only the config swapped for a tiny one):
     the stage functions in the flow's order without Prefect or MLflow. Oracle teacher, tiny student
-    trained 2 steps, evaluated through the oracle backend (it replays gold solutions: 'after' is exact)."""
+    trained 2 steps, evaluated through the oracle backend (it replays gold solutions: 'after' is exact).
+    ``on_policy``: the student (the oracle erring on every chain) also samples its own rejected chains."""
     import textwrap
 
     from fcdpo import stages
@@ -54,7 +56,8 @@ def test_library_stages_run_in_a_notebook_without_prefect(tmp_path, tiny_model):
             "problems": {"sources": [{"source": "arith", "params": {"n": 12, "seed": 2, "steps": 1}}], "test_fraction": 0.3},
             "teacher": {"backend": "oracle", "backend_options": {"error_rate": 0.4}, "n_demonstrations": 1,
                         "sampling": {"samples_per_problem": 4, "progress": False}},
-            "student": {"model": str(tiny_model), "backend": "oracle", "training": {"max_steps": 2, "batch_size": 2}},
+            "student": {"model": str(tiny_model), "backend": "oracle", "training": {"max_steps": 2, "batch_size": 2},
+                        "on_policy_samples": on_policy, "backend_options": {"error_rate": 1.0 if on_policy else 0.0}},
             "evaluation": {"k": 2, "bootstrap": 200},
         }
     )  # fmt: skip
@@ -68,7 +71,12 @@ def test_library_stages_run_in_a_notebook_without_prefect(tmp_path, tiny_model):
     split, out = ns["split"], stages.run_dir(cfg)
     assert chains.chains == len(ns["teacher"].to_sample) * 4 == sum(r.total for r in ns["sampled"])
     assert pairs.n_pairs > 0 and trained.steps == 2
-    assert comparison["all"]["n"] == len(split.test) and result["after"].metrics["all"]["accuracy"] == 1.0
+    expected = 0.0 if on_policy else 1.0  # the oracle student: every chain wrong / every chain gold
+    assert (
+        comparison["all"]["n"] == len(split.test) and result["after"].metrics["all"]["accuracy"] == expected
+    )
+    if on_policy:  # the student's own chains on the problems the teacher solved: the pairs' rejected side
+        assert ns["own"].chains == 2 * len(ns["solved"]) > 0 and ns["own"].correct == 0
     write_report(out / "eval", result["before"], result["after"], comparison, trained.history)
     for f in ("report.md", "comparison.json", "accuracy.png", "training_curves.png", "pass_at_k.png"):
         assert (out / "eval" / f).is_file(), f
