@@ -10,9 +10,10 @@ Re-running a shard skips finished keys. After a kill at any moment, the torn las
 off and its chain re-sampled, so every (problem, sample) ends up in the file exactly once; with the same
 seeds the re-sampled chain is the same chain.
 
-The main loop (``sample_shard``) is the asynchronous rollout (``fcdpo.rollout.roll_out``: every chain its
-own loop, a bounded window in flight) with a writer around it: each chain is labelled and appended as it
-finishes, flushed at once and fsynced at most every ``FSYNC_S`` seconds.
+The main loop (``sample_shards``) is the asynchronous rollout (``fcdpo.rollout.roll_out``: every chain its
+own loop, a bounded window in flight) with a writer per shard around it: each chain is labelled and
+appended to its shard's file as it finishes, flushed at once and fsynced at most every ``FSYNC_S`` seconds.
+The shards of one call share the window, so the engine does not drain at the end of each shard.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class ShardResult:
     total: int
     resumed: int  # records found from an earlier run
     sampled: int  # records written by this run
-    seconds: float
+    seconds: float  # from the rollout's start to this shard's last chain written
     completion_tokens: int
     correct: int
 
@@ -153,6 +154,7 @@ class ShardWriter:
         self.label, self.by_id, self.bar = label, problems.by_id(), bar
         self.written = self.tokens = self.correct = 0
         self.synced = time.monotonic()
+        self.last = time.perf_counter()  # when the last chain was written
 
     def write(self, r: ChainRecord) -> None:
         verdict = self.label(r, self.by_id[r.problem_id]).verdict
@@ -165,6 +167,7 @@ class ShardWriter:
         self.written += 1
         self.tokens += r.completion_tokens
         self.correct += ok
+        self.last = time.perf_counter()
         self.bar.update(1, ok, r.completion_tokens)
 
     def close(self) -> None:
@@ -211,9 +214,14 @@ def sample_shard(
     """``samples`` chains for each problem, labelled by ``labeller`` (default: auto, Stop() required) as
     they finish, appended to the shard file under ``out_dir`` named by the shard's identity. ``window``:
     chains in flight at once (default: what the backend batches, ``backend.max_in_flight``)."""
-    label = labeller or AutoLabeller()
-    spec = shard_spec(agent, backend, problems, samples, sampling, base_seed, label)
-    out = Path(out_dir)
+    [result] = sample_shards(
+        agent, backend, [problems], samples, sampling, out_dir, base_seed, progress, labeller, window
+    )
+    return result
+
+
+def open_shard(out: Path, spec: ShardSpec, problems: ProblemSet) -> tuple[Path, set[tuple[str, int]]]:
+    """The shard's file under ``out`` (its manifest written first, whole) and the keys already in it."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"shard-{spec.identity}.jsonl"
     manifest = out / f"shard-{spec.identity}.json"
@@ -226,32 +234,69 @@ def sample_shard(
             )
         )
         os.replace(tmp, manifest)
+    return path, recover(path)
 
-    done = recover(path)
-    todo = [
+
+def sample_shards(
+    agent: Agent,
+    backend: Backend,
+    shards: Sequence[ProblemSet],
+    samples: int,
+    sampling: SamplingParams,
+    out_dir: str | Path,
+    base_seed: int = 0,
+    progress: bool = False,
+    labeller: AutoLabeller | None = None,
+    window: int | None = None,
+) -> list[ShardResult]:
+    """:func:`sample_shard` for several shards in *one* rollout window: each chain's record goes to its
+    shard's file, and the engine never drains at the end of a shard while the next waits (the last chains
+    of a shard run beside the first of the next). One progress bar over all of them."""
+    label = labeller or AutoLabeller()
+    owner: dict[str, int] = {}
+    for k, shard in enumerate(shards):
+        for p in shard:
+            if owner.setdefault(p.id, k) != k:
+                raise ValueError(
+                    f"problem {p.id!r} is in shards {owner[p.id]} and {k}; shards must not overlap"
+                )
+    specs = [shard_spec(agent, backend, shard, samples, sampling, base_seed, label) for shard in shards]
+    opened = [open_shard(Path(out_dir), spec, shard) for spec, shard in zip(specs, shards, strict=True)]
+    total = sum(len(shard) for shard in shards) * samples
+    desc = f"shard {specs[0].identity[:8]}" if len(specs) == 1 else f"{len(specs)} shards"
+    bar = Progress(total, sum(len(done) for _, done in opened), progress, desc)
+    writers = [ShardWriter(path, label, shard, bar) for (path, _), shard in zip(opened, shards, strict=True)]
+    todo = (
         (p, i, chain_seed(base_seed, p.id, i))
-        for p in problems
+        for shard, (_, done) in zip(shards, opened, strict=True)
+        for p in shard
         for i in range(samples)
         if (p.id, i) not in done
-    ]
-    bar = Progress(len(problems) * samples, len(done), progress, f"shard {spec.identity[:8]}")
-    writer = ShardWriter(path, label, problems, bar)
-    t0 = time.perf_counter()
-    try:
-        run_sync(roll_out(agent, backend, todo, sampling, writer.write, window, bar.start))
-    finally:
-        writer.close()
-        bar.close()
-    return ShardResult(
-        path,
-        spec.identity,
-        len(problems) * samples,
-        len(done),
-        writer.written,
-        time.perf_counter() - t0,
-        writer.tokens,
-        writer.correct,
     )
+    t0 = time.perf_counter()
+
+    def write(r: ChainRecord) -> None:
+        writers[owner[r.problem_id]].write(r)
+
+    try:
+        run_sync(roll_out(agent, backend, todo, sampling, write, window, bar.start))
+    finally:
+        for w in writers:
+            w.close()
+        bar.close()
+    return [
+        ShardResult(
+            path,
+            spec.identity,
+            len(shard) * samples,
+            len(done),
+            w.written,
+            (w.last - t0) if w.written else 0.0,
+            w.tokens,
+            w.correct,
+        )
+        for spec, shard, (path, done), w in zip(specs, shards, opened, writers, strict=True)
+    ]
 
 
 def read_shards(results: Sequence[ShardResult]) -> list[ChainRecord]:

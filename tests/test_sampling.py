@@ -20,7 +20,7 @@ from fcdpo.backends.oracle import OracleBackend
 from fcdpo.labelling import AutoLabeller
 from fcdpo.problems import load_source
 from fcdpo.records import read_jsonl
-from fcdpo.sampling import recover, sample_shard, shard_spec, split_shards
+from fcdpo.sampling import recover, sample_shard, sample_shards, shard_spec, split_shards
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,25 @@ def test_recover_cuts_a_torn_tail_and_resumes_exactly(problems, tmp_path):
     assert (res.resumed, res.sampled) == (10, 26)
     got = list(read_jsonl(torn))
     assert len(got) == 36 and {r.key: r for r in got} == reference
+
+
+def test_shards_sampled_in_one_window_match_shards_sampled_one_by_one(problems, tmp_path):
+    be = OracleBackend(list(problems), error_rate=0.3)
+    shards = split_shards(problems, 5)
+    one_by_one = [sample_shard(Agent(), be, s, 3, SamplingParams(), tmp_path / "apart", 7) for s in shards]
+    # a window of 4 across 36 chains: the last chains of a shard run beside the first of the next
+    together = sample_shards(Agent(), be, shards, 3, SamplingParams(), tmp_path / "together", 7, window=4)
+    assert [r.path.name for r in together] == [r.path.name for r in one_by_one]
+    assert [(r.total, r.resumed, r.sampled) for r in together] == [(15, 0, 15), (15, 0, 15), (6, 0, 6)]
+    for a, b in zip(one_by_one, together, strict=True):
+        assert sorted(read_jsonl(b.path), key=lambda r: r.key) == sorted(
+            read_jsonl(a.path), key=lambda r: r.key
+        )
+        assert (b.correct, b.completion_tokens) == (a.correct, a.completion_tokens)
+    again = sample_shards(Agent(), be, shards, 3, SamplingParams(), tmp_path / "together", 7)
+    assert [(r.resumed, r.sampled) for r in again] == [(15, 0), (15, 0), (6, 0)]
+    with pytest.raises(ValueError, match="must not overlap"):
+        sample_shards(Agent(), be, [shards[0], problems.head(2)], 1, SamplingParams(), tmp_path / "x")
 
 
 def test_duplicate_records_are_detected(tmp_path):
