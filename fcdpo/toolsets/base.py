@@ -19,6 +19,7 @@ Add your own toolset::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import types
@@ -113,13 +114,15 @@ class Function:
         raise NotImplementedError
 
     @classmethod
-    def parameters(cls) -> list[Param]:
+    @functools.cache
+    def parameters(cls) -> tuple[Param, ...]:
+        """The parameters of ``__call__`` (computed once per class: every call of every chain binds them)."""
         sig = inspect.signature(cls.__call__)
         hints = typing.get_type_hints(cls.__call__)
-        return [
+        return tuple(
             Param(p.name, hints.get(p.name, Any), p.default)
             for p in list(sig.parameters.values())[1:]  # drop self
-        ]
+        )
 
     @classmethod
     def signature_text(cls) -> str:
@@ -132,16 +135,19 @@ class Function:
         return f"{cls.name}({', '.join(parts)})"
 
     @classmethod
+    def _usage(cls) -> str:
+        return f"usage: {cls.signature_text()}, e.g. {cls.example}"
+
+    @classmethod
     def bind(cls, call: ParsedCall) -> dict[str, Any]:
         """Map a parsed call's arguments to parameters, checking arity, names and types.
 
         Raises :class:`FunctionError` with a message for the model.
         """
         params = cls.parameters()
-        usage = f"usage: {cls.signature_text()}, e.g. {cls.example}"
         if len(call.args) > len(params):
             raise FunctionError(
-                f"{cls.name} takes {len(params)} argument(s) but {len(call.args)} were given; {usage}"
+                f"{cls.name} takes {len(params)} argument(s) but {len(call.args)} were given; {cls._usage()}"
             )
         bound: dict[str, Any] = {}
         for p, v in zip(params, call.args, strict=False):
@@ -149,14 +155,14 @@ class Function:
         names = {p.name for p in params}
         for k, v in call.kwargs.items():
             if k not in names:
-                raise FunctionError(f"{cls.name} has no parameter {k!r}; {usage}")
+                raise FunctionError(f"{cls.name} has no parameter {k!r}; {cls._usage()}")
             if k in bound:
-                raise FunctionError(f"{cls.name} got two values for {k!r}; {usage}")
+                raise FunctionError(f"{cls.name} got two values for {k!r}; {cls._usage()}")
             bound[k] = v
         for p in params:
             if p.name not in bound:
                 if p.required:
-                    raise FunctionError(f"{cls.name} is missing the argument {p.name!r}; {usage}")
+                    raise FunctionError(f"{cls.name} is missing the argument {p.name!r}; {cls._usage()}")
                 continue
             v = bound[p.name]
             if not _accepts(p.annotation, v):
