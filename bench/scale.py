@@ -2,13 +2,15 @@
 
 Real parts: the simulated OpenAI-compatible server (``fcdpo.simserver``: real HTTP on 127.0.0.1, the time
 of a batching engine with ``--max-batch`` sequences) in one process, ``fcdpo sample`` (the openai backend,
-asynchronous, window = the server's batch) in another, as a user runs them. The sampler is SIGKILLed at a
-random point and run again to resume; then every (problem, sample) must be in the shard files exactly
-once. Measured from outside: the sampler's RSS (``/proc``) as chains accumulate, the in-flight requests
-(the server's running batch), chains/s against the server's modelled capacity; then the labels + pairs
-of all chains (``fcdpo.pairs.build_pairs``).
+asynchronous, all shards in one window: by default the server's batch plus a quarter waiting in its queue)
+in another, as a user runs them. The sampler is SIGKILLed at a random point and run again to resume; then
+every (problem, sample) must be in the shard files exactly once. Measured from outside, twice a second in
+the resumed run: the server's running batch against its maximum (``in_flight_ratio``: how full the engine
+is kept), the requests in the server against the sampler's window, and the sampler's RSS (``/proc``) as
+chains accumulate; chains/s against the server's modelled capacity; then the labels + pairs of all chains
+(``fcdpo.pairs.build_pairs``).
 
-    python bench/scale.py [--problems 100] [--samples 1000] [--max-batch 256]
+    python bench/scale.py [--problems 100] [--samples 1000] [--max-batch 256] [--window N]
 
 Last line: one JSON object.
 """
@@ -28,6 +30,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from fcdpo.backends.base import default_window
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,9 +76,11 @@ def sample(args, out: Path, url: str, kill_at: int | None, marks: list[int]) -> 
         "--backend-option", f"concurrency={args.max_batch}", "--backend-option", "timeout_s=20",
         "--shard-size", str(args.shard_size), "--max-tokens", "48", "--no-progress",
     ]  # fmt: skip
+    if args.window:
+        cmd += ["--window", str(args.window)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
-    peak, rss_at, running = 0.0, {}, []
+    peak, rss_at, running, waiting, handling = 0.0, {}, [], [], []
     last = 0.0
     while proc.poll() is None:
         time.sleep(0.5)
@@ -86,6 +92,8 @@ def sample(args, out: Path, url: str, kill_at: int | None, marks: list[int]) -> 
                 rss_at[m] = round(rss, 1)
         s = stats(url)
         running.append(s["running_now"])
+        waiting.append(s["waiting_now"])
+        handling.append(s["handling_now"])
         if kill_at is not None and done >= kill_at:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -101,12 +109,18 @@ def sample(args, out: Path, url: str, kill_at: int | None, marks: list[int]) -> 
     if proc.returncode:
         raise RuntimeError(f"fcdpo sample failed:\n{stderr[-3000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
-    busy = running[2:-2] or running  # the ramp-up and the tail are not steady state
+
+    def steady(xs: list[int]) -> float:  # the ramp-up and the tail are not steady state
+        xs = xs[2:-2] or xs
+        return round(sum(xs) / len(xs), 1)
+
     return {
         **summary,
         "peak_rss_mb": round(peak, 1),
         "rss_mb_at": rss_at,
-        "mean_in_flight": round(sum(busy) / len(busy), 1),
+        "mean_running": steady(running),
+        "mean_waiting": steady(waiting),
+        "mean_handling": steady(handling),
     }
 
 
@@ -116,6 +130,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--shard-size", type=int, default=10)
+    ap.add_argument(
+        "--window",
+        type=int,
+        help="the sampler's requests in flight (default: the batch plus a quarter, queued)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     total = args.problems * args.samples
@@ -160,12 +179,13 @@ def main() -> None:
                 records, problems, Path(d) / "pairs", None, PairsConfig(max_pairs_per_prompt=64)
             )
             pairs_s = time.perf_counter() - t1
+        window = args.window or default_window(args.max_batch)
         tokens_per_chain = run["tokens_per_s"] / max(run["chains_per_s"], 1e-9)
         capacity_cps = s["capacity_tokens_per_s"] / tokens_per_chain
         day = 2000 * 1000
         print(
             f"resumed run: {run['sampled']} chains in {run['sampling_seconds']} s ({run['chains_per_s']} chains/s, "
-            f"model capacity {capacity_cps:.0f}); in flight {run['mean_in_flight']} of {args.max_batch}; RSS "
+            f"model capacity {capacity_cps:.0f}); engine batch {run['mean_running']} of {args.max_batch} running, {run['mean_waiting']} queued; requests in the server {run['mean_handling']} of a window of {window}; RSS "
             f"{run['rss_mb_at']} MB; pairs {pairs.n_pairs} in {pairs_s:.1f} s"
         )
         print(
@@ -175,7 +195,9 @@ def main() -> None:
                     "exactly_once": exactly_once,
                     "killed_at_chains": killed["killed_at_chains"],
                     "resumed": run["resumed"],
-                    "in_flight_ratio": round(run["mean_in_flight"] / args.max_batch, 3),
+                    "in_flight_ratio": round(run["mean_running"] / args.max_batch, 3),
+                    "window": window,
+                    "requests_in_server_ratio": round(run["mean_handling"] / window, 3),
                     "chains_per_s": run["chains_per_s"],
                     "capacity_chains_per_s": round(capacity_cps, 1),
                     "capacity_ratio": round(run["chains_per_s"] / capacity_cps, 3),

@@ -86,9 +86,10 @@ class SamplingConfig(_Strict):
     window: int | None = Field(
         None,
         ge=1,
-        description="requests in the engine at once, each from a chain of its own (every chain its own "
+        description="requests in flight at once, each from a chain of its own (every chain its own "
         "asynchronous loop; window // 8 spare chains run their calls meanwhile); null: what the engine "
-        "batches (vLLM: max_num_seqs of its memory plan; openai: its concurrency option)",
+        "batches (vLLM: max_num_seqs of its memory plan; openai: its concurrency option) plus a quarter "
+        "more waiting in its queue, so places freed at a step are filled at once (fcdpo.backends.default_window)",
     )
 
     def params(self) -> SamplingParams:

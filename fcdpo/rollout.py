@@ -3,13 +3,13 @@
     render the prompt -> await the engine -> parse the reply, run the call off the event loop -> append
     the result -> ... until Stop() or a limit
 
-A bounded window of requests is in the engine at once (``window``; default what the backend can batch); a
-chain that finishes frees its place for the next one at once, so the engine never waits for the slowest
-chain of a step. A few spare chains (``window // 8``, at least one) run beside them: while a chain parses
-its reply and runs its call, a spare one can take its place in the engine. (Measured with
-``bench/scale.py`` on 2 cores: 93% of the window in flight without them, 91.5% with them; there the sampler's
-own CPU, shared with the simulated server, is the limit, not the turnaround.) Chains are made
-as places free up, so memory holds ``window + spare`` chains however many are sampled.
+A bounded window of requests is in flight at once (``window``; default what the backend batches plus a
+quarter more waiting in the engine's queue, ``fcdpo.backends.default_window``: the engine admits requests
+between its steps, and only requests already waiting can take the places freed at a step); a chain that
+finishes frees its place for the next one at once, so the engine never waits for the slowest chain of a
+step. A few spare chains (``window // 8``, at least one) run beside them: while a chain parses its reply and
+runs its call, a spare one can take its place. Chains are made as places free up, so memory holds
+``window + spare`` chains however many are sampled.
 Each chain's replies are seeded from its own seed and step (``fcdpo.agent.step_seed``), never from the
 order chains run in: the same seeds give the same chains on deterministic backends.
 
@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from fcdpo.agent import Agent, chain_seed, step_seed
-from fcdpo.backends.base import Backend, SamplingParams
+from fcdpo.backends.base import Backend, SamplingParams, default_window
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord
 
@@ -51,7 +51,7 @@ async def roll_out(
     chain's record as it finishes (in finishing order), ``on_start`` is called as each chain starts."""
     pending = iter(todo)
     tools = concurrent.futures.ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="fcdpo-tool")
-    window = max(1, window or backend.max_in_flight)
+    window = max(1, window or default_window(backend.max_in_flight))
     engine_places = asyncio.Semaphore(window)
 
     async def place() -> None:  # one place in the window: runs chains one after another

@@ -136,6 +136,7 @@ class SimServer:
         self.rng = random.Random(seed)
         self.faults = ("503", "hang", "drop")
         self.n_faults = 0
+        self.handling = 0  # requests received and not yet answered
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -145,7 +146,11 @@ class SimServer:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
-                status, payload = await self.route(method, path, body)
+                self.handling += 1
+                try:
+                    status, payload = await self.route(method, path, body)
+                finally:
+                    self.handling -= 1
                 if status == 0:  # a dropped connection
                     writer.transport.abort()
                     return
@@ -170,7 +175,9 @@ class SimServer:
                 "tokens": s.tokens,
                 "steps": s.steps,
                 "mean_running": s.running_sum / s.steps if s.steps else 0.0,
-                "running_now": len(self.engine.running) + len(self.engine.waiting),
+                "running_now": len(self.engine.running),  # in the engine's batch
+                "waiting_now": len(self.engine.waiting),  # queued for a place in it
+                "handling_now": self.handling - 1,  # received, not answered (this request not counted)
                 "busy_fraction": s.busy_s / wall if wall else 0.0,
                 "capacity_tokens_per_s": self.engine.cost.capacity_tokens_per_s,
                 "max_batch": self.engine.cost.max_batch,

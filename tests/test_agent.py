@@ -9,7 +9,7 @@ from fcdpo.agent import (
     PromptSpec,
     chain_seed,
 )
-from fcdpo.backends import Backend, CallableBackend, Generation, SamplingParams
+from fcdpo.backends import Backend, CallableBackend, Generation, SamplingParams, default_window
 from fcdpo.backends.oracle import OracleBackend
 from fcdpo.problems import Problem
 from fcdpo.records import Message
@@ -183,6 +183,11 @@ def test_each_chain_runs_on_its_own_no_chain_waits_for_the_slowest():
     ]
     assert backend.peak == 4  # the window, not all six chains
     assert max(chains_in_flight) == 5  # the window and one spare chain (spare_chains(4) == 1)
+    # no window given: what the engine batches plus a quarter waiting in its queue
+    backend = Latency()
+    backend.max_in_flight = 8
+    run_chains(Agent(), backend, [P, Q], samples=8)
+    assert backend.peak == default_window(8) == 10
     # the three P chains hold 3 of the 4 places for 0.3 s; the Q chains (two replies each) run through the
     # fourth place one after another and all finish before the first P chain
     assert finished.index("p1") >= 3 and finished[:3] == ["p2"] * 3, finished

@@ -17,7 +17,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fcdpo.backends.base import Backend, CallableBackend, Generation, Prompt, SamplingParams, Workload
+from fcdpo.backends.base import (
+    Backend,
+    CallableBackend,
+    Generation,
+    Prompt,
+    SamplingParams,
+    Workload,
+    default_window,
+)
 from fcdpo.hashing import digest
 from fcdpo.registry import Registry
 
@@ -111,5 +119,6 @@ __all__ = [
     "Prompt",
     "SamplingParams",
     "Workload",
+    "default_window",
     "make_backend",
 ]

@@ -41,6 +41,16 @@ class Generation:
     error: str | None = field(default=None, repr=False)
 
 
+def default_window(batch: int) -> int:
+    """Requests the sampler keeps in flight against an engine that batches ``batch``: that many, plus a
+    quarter more waiting in the engine's queue. A batching engine admits requests between its steps, and
+    the places of the requests that finish at a step can only be taken by requests already waiting: the
+    client's turnaround (read the reply, run the call, send the next turn) comes after. Measured with
+    ``bench/scale.py`` (10 x 1000 chains, 2 cores, engine batch 256): 0.85 of the batch running with no
+    queue, 0.95 with an eighth queued, 0.99 with a quarter."""
+    return batch + max(1, batch // 4)
+
+
 class Backend(ABC):
     model_id: str = "unknown"
     chat: bool = False
@@ -49,7 +59,8 @@ class Backend(ABC):
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
         """One generation per prompt, in order. A per-prompt failure is a Generation with ``error`` set."""
 
-    # chains the asynchronous sampler keeps in flight by default (fcdpo.rollout); engines say what they batch
+    # the requests the engine runs at once (its batch); the asynchronous sampler keeps default_window() of
+    # this in flight (fcdpo.rollout); engines say what they batch
     max_in_flight: int = 256
 
     async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:

@@ -3,8 +3,10 @@
 Use it for a remote teacher: ``vllm serve`` (or ``python -m vllm.entrypoints.openai.api_server``) on a
 GPU box, or a hosted 70B model. Each chain's request carries its own seed. Requests are asynchronous: one
 ``aiohttp`` session per event loop (httpx's asynchronous pool served 43 requests/s at 256 in flight where
-aiohttp served 305, against the same local server), at most ``concurrency`` in flight (the sampler's default window), each
-returned as soon as the server answers it. Transient failures (5xx, 429, timeouts, connection resets) are retried with exponential
+aiohttp served 305, against the same local server). ``concurrency`` is what the server runs at once
+(its ``max_num_seqs``); the backend keeps up to ``default_window(concurrency)`` requests in flight (a quarter
+more, waiting in the server's queue to take the places freed at each engine step), each returned as soon
+as the server answers it. Transient failures (5xx, 429, timeouts, connection resets) are retried with exponential
 backoff and jitter; any other 4xx is a clear error at once. The API key is read from the environment
 variable named by ``api_key_env`` and never appears in logs, reprs or error messages; neither does a
 ``user:password@`` in ``base_url`` (sent as basic auth, shown as ``***@``). A server that is not on this
@@ -23,7 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
+from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, default_window
 from fcdpo.errors import DeterministicError
 from fcdpo.secrets import redact_url, split_userinfo
 
@@ -99,9 +101,9 @@ class OpenAIBackend(Backend):
             client = aiohttp.ClientSession(
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                connector=aiohttp.TCPConnector(limit=self.concurrency),
+                connector=aiohttp.TCPConnector(limit=default_window(self.concurrency)),
             )
-            self._clients[loop] = (client, asyncio.Semaphore(self.concurrency))
+            self._clients[loop] = (client, asyncio.Semaphore(default_window(self.concurrency)))
         return self._clients[loop]
 
     async def agenerate(self, prompt: Prompt, p: SamplingParams) -> Generation:
@@ -156,7 +158,7 @@ class OpenAIBackend(Backend):
         )
 
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
-        """All requests at once (bounded by ``concurrency``), on an event loop of this call's own."""
+        """All requests at once (at most ``default_window(concurrency)`` in flight), on an event loop of this call's own."""
         from fcdpo.rollout import run_sync
 
         async def all_of_them() -> list[Generation]:
