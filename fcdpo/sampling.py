@@ -213,7 +213,8 @@ def sample_shard(
 ) -> ShardResult:
     """``samples`` chains for each problem, labelled by ``labeller`` (default: auto, Stop() required) as
     they finish, appended to the shard file under ``out_dir`` named by the shard's identity. ``window``:
-    chains in flight at once (default: what the backend batches, ``backend.max_in_flight``)."""
+    requests in flight at once (default: what the backend batches plus a quarter queued,
+    ``fcdpo.backends.default_window``)."""
     [result] = sample_shards(
         agent, backend, [problems], samples, sampling, out_dir, base_seed, progress, labeller, window
     )
