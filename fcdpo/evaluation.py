@@ -190,11 +190,18 @@ def evaluate(
     bar = Progress(len(problems) * (1 + cfg.k), 0, cfg.progress, "evaluate")
 
     def done(r: ChainRecord) -> None:  # the bar moves chain by chain, with the running accuracy
-        bar.update(1, label(r, by_id[r.problem_id]).verdict == "correct", r.completion_tokens)
+        bar.update(1, label(r, by_id[r.problem_id]).verdict == "correct")
 
     try:
         greedy = run_chains(
-            agent, backend, problems, 1, cfg.greedy_params(), on_done=done, on_start=bar.start
+            agent,
+            backend,
+            problems,
+            1,
+            cfg.greedy_params(),
+            on_done=done,
+            on_start=bar.start,
+            on_reply=bar.reply,
         )
         sampled: list[ChainRecord] = []
         if cfg.k:
@@ -207,6 +214,7 @@ def evaluate(
                 cfg.seed,
                 on_done=done,
                 on_start=bar.start,
+                on_reply=bar.reply,
             )
     finally:
         bar.close()

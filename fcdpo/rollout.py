@@ -45,10 +45,12 @@ async def roll_out(
     on_done: Callable[[ChainRecord], None],
     window: int | None = None,
     on_start: Callable[[], None] | None = None,
+    on_reply: Callable[[int], None] | None = None,
 ) -> None:
     """Run a chain for each ``(problem, sample index, seed)`` of ``todo``, at most ``window`` requests in
     the engine at once (and :func:`spare_chains` more chains between requests); ``on_done`` gets each
-    chain's record as it finishes (in finishing order), ``on_start`` is called as each chain starts."""
+    chain's record as it finishes (in finishing order), ``on_start`` is called as each chain starts and
+    ``on_reply`` with the tokens of each reply (progress while chains are still running)."""
     pending = iter(todo)
     tools = concurrent.futures.ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="fcdpo-tool")
     window = max(1, window or default_window(backend.max_in_flight))
@@ -63,6 +65,8 @@ async def roll_out(
                 prompt = chain.builder.render(chain.problem, chain.messages)
                 async with engine_places:
                     reply = await backend.agenerate(prompt, replace(sampling, seed=step_seed(chain)))
+                if on_reply:
+                    on_reply(reply.completion_tokens)
                 await agent.astep(chain, reply, tools)
             on_done(chain.to_record())
 
@@ -111,6 +115,7 @@ def run_chains(
     window: int | None = None,
     on_done: Callable[[ChainRecord], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    on_reply: Callable[[int], None] | None = None,
 ) -> list[ChainRecord]:
     """``samples`` chains per problem, rolled out asynchronously; the records in (problem, sample) order."""
     records: dict[tuple[str, int], ChainRecord] = {}
@@ -121,5 +126,5 @@ def run_chains(
             on_done(r)
 
     todo = [(p, i, chain_seed(base_seed, p.id, i)) for p in problems for i in range(samples)]
-    run_sync(roll_out(agent, backend, todo, sampling or SamplingParams(), done, window, on_start))
+    run_sync(roll_out(agent, backend, todo, sampling or SamplingParams(), done, window, on_start, on_reply))
     return [records[(p.id, i)] for p, i, _ in todo]

@@ -110,11 +110,14 @@ class ShardResult:
 
 
 class Progress:
-    """tqdm bar, moving chain by chain: chains/s, tokens/s, chains in flight, running accuracy."""
+    """tqdm bar, moving chain by chain: chains/s, tokens/s (counted reply by reply, so it moves while the
+    first chains are still running), chains in flight, running accuracy."""
+
+    REFRESH_S = 0.5  # the figures are redrawn between finished chains at most this often
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str):
         self.bar = None
-        self.t0 = time.perf_counter()
+        self.t0 = self.drawn = time.perf_counter()
         self.tokens = self.correct = self.finished = self.started = 0
         if enabled:
             from tqdm.auto import tqdm
@@ -124,19 +127,29 @@ class Progress:
     def start(self) -> None:
         self.started += 1
 
-    def update(self, finished: int, correct: int, tokens: int) -> None:
+    def reply(self, tokens: int) -> None:
+        """A reply of ``tokens`` generated tokens came back."""
+        self.tokens += tokens
+        if self.bar is not None and time.perf_counter() - self.drawn >= self.REFRESH_S:
+            self._figures()
+            self.bar.refresh()
+
+    def update(self, finished: int, correct: int) -> None:
         self.finished += finished
         self.correct += correct
-        self.tokens += tokens
         if self.bar is not None:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            acc = self.correct / self.finished if self.finished else 0.0
-            self.bar.set_postfix_str(
-                f"{self.finished / dt:.2f} chains/s, {self.tokens / dt:.0f} tok/s, "
-                f"{self.started - self.finished} in flight, acc {acc:.1%}",
-                refresh=False,
-            )
+            self._figures()
             self.bar.update(finished)
+
+    def _figures(self) -> None:
+        self.drawn = now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        acc = self.correct / self.finished if self.finished else 0.0
+        self.bar.set_postfix_str(  # type: ignore[union-attr]
+            f"{self.finished / dt:.2f} chains/s, {self.tokens / dt:.0f} tok/s, "
+            f"{self.started - self.finished} in flight, acc {acc:.1%}",
+            refresh=False,
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -168,7 +181,7 @@ class ShardWriter:
         self.tokens += r.completion_tokens
         self.correct += ok
         self.last = time.perf_counter()
-        self.bar.update(1, ok, r.completion_tokens)
+        self.bar.update(1, ok)
 
     def close(self) -> None:
         self.f.flush()
@@ -280,7 +293,7 @@ def sample_shards(
         writers[owner[r.problem_id]].write(r)
 
     try:
-        run_sync(roll_out(agent, backend, todo, sampling, write, window, bar.start))
+        run_sync(roll_out(agent, backend, todo, sampling, write, window, bar.start, bar.reply))
     finally:
         for w in writers:
             w.close()

@@ -164,10 +164,11 @@ def test_each_chain_runs_on_its_own_no_chain_waits_for_the_slowest():
             await asyncio.sleep(0.3 if P.question in prompt else 0.01)
             self.in_flight -= 1
             return Generation(
-                text="Stop()" if "Subtract" in prompt or P.question in prompt else "Subtract(a=10, b=4)"
+                text="Stop()" if "Subtract" in prompt or P.question in prompt else "Subtract(a=10, b=4)",
+                completion_tokens=3,
             )
 
-    finished, started, chains_in_flight = [], [], []
+    finished, started, chains_in_flight, replies = [], [], [], []
     backend = Latency()
 
     def start():
@@ -176,12 +177,15 @@ def test_each_chain_runs_on_its_own_no_chain_waits_for_the_slowest():
 
     recs = run_chains(
         Agent(), backend, [P, Q], samples=3, window=4, on_done=lambda r: finished.append(r.problem_id),
-        on_start=start,
+        on_start=start, on_reply=lambda tokens: replies.append((len(finished), tokens)),
     )  # fmt: skip
     assert [(r.problem_id, r.sample_index) for r in recs] == [("p1", i) for i in range(3)] + [
         ("p2", i) for i in range(3)
     ]
     assert backend.peak == 4  # the window, not all six chains
+    # each reply is reported as it comes back (the progress bar's tokens/s), before its chain finishes
+    assert sum(t for _, t in replies) == sum(r.completion_tokens for r in recs) == 3 * len(replies) >= 18
+    assert replies[0][0] == 0 and [n for n, _ in replies] == sorted(n for n, _ in replies)
     assert max(chains_in_flight) == 5  # the window and one spare chain (spare_chains(4) == 1)
     # no window given: what the engine batches plus a quarter waiting in its queue
     backend = Latency()
