@@ -19,7 +19,13 @@ def _theory(fn: Function) -> Theory:
 
 
 class Premise(Function):
-    description = "State one premise of the problem as a first-order-logic formula. " + SYNTAX_HELP
+    # sentences as the problems phrase them, each with its formula: a small model copies the problem's words
+    # into the call unless it sees how a sentence becomes a formula
+    description = (
+        "State one premise of the problem as a first-order-logic formula, one sentence at a time: "
+        "'Tom is a cat.' is Cat(tom); 'All cats are mammals.' is forall x: Cat(x) implies Mammal(x); "
+        "'Cats are not green.' is forall x: Cat(x) implies not Green(x). " + SYNTAX_HELP
+    )
     blocking = False  # parses and checks arities; no solver
     example = 'Premise(statement="forall x: Cat(x) implies Mammal(x)")'
 
@@ -34,7 +40,8 @@ class Premise(Function):
 
 class Prove(Function):
     description = (
-        "Ask whether a statement follows from the premises stated so far. "
+        "Ask whether the problem's statement follows from the premises stated so far, written as a "
+        "formula: 'Tom is not a mammal.' is not Mammal(tom). "
         "Returns True (it follows), False (its negation follows) or Unknown (neither follows)."
     )
     example = 'Prove(statement="Mammal(tom)")'
