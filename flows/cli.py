@@ -171,22 +171,22 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 
 def _warm_tracking(cfg: Any, override: str | None) -> None:
-    """Open the run's MLflow store in a background thread while Prefect and the flow's modules import and
-    the temporary API starts: MLflow's first open of a sqlite store checks its tables (~2 s here, plus
-    ~2 s importing mlflow), and it keeps the engine for every later client of that URI. A failure is
-    left for the run's own first MLflow call to report."""
-    import threading
+    """Open the run's MLflow store now, while the temporary Prefect API (a subprocess) starts: MLflow's
+    first open of a sqlite store checks its tables (~2 s here, plus ~1 s importing mlflow), and it keeps
+    the engine for every later client of that URI. A failure is left for the run's own first MLflow call
+    to report.
 
-    def warm() -> None:
-        with contextlib.suppress(Exception):
-            from mlflow import MlflowClient
+    In this thread, not a background one: mlflow imports fastapi, which Prefect's flow engine imports
+    lazily, and CPython 3.11 can fail two threads importing one package at once (`KeyError: 'fastapi'`
+    from importlib, seen in CI). A background thread bought nothing the subprocess does not: the imports
+    hold the GIL."""
+    with contextlib.suppress(Exception):
+        from mlflow import MlflowClient
 
-            from tasks.tracking import tracking_uri
+        from tasks.tracking import tracking_uri
 
-            uri = tracking_uri(cfg, override)
-            MlflowClient(uri, registry_uri=uri)
-
-    threading.Thread(target=warm, name="fcdpo-warm-mlflow", daemon=True).start()
+        uri = tracking_uri(cfg, override)
+        MlflowClient(uri, registry_uri=uri)
 
 
 def _run_flow(cmd: str, server: EphemeralAPI | None, call: Any) -> Any:

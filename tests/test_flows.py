@@ -201,6 +201,34 @@ def test_fcdpo_run_prints_results_table_and_mlflow_location(tmp_path, tiny_model
     assert "temporary Prefect API" in out.stderr
 
 
+def test_fcdpo_run_opens_the_tracking_store_before_the_flow_and_leaves_no_thread_importing(tmp_path):
+    """`fcdpo run` opens the MLflow store while the temporary API starts, and is done with it before the
+    flow's modules import: a background thread still importing mlflow (which imports fastapi) beside
+    Prefect's own lazy import of fastapi failed a CI run with `KeyError: 'fastapi'` (CPython 3.11 cannot
+    always import one package from two threads at once)."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "m.db"
+    code = (
+        "import sys, threading\n"
+        "from fcdpo.config import load_config\n"
+        "from flows.cli import _warm_tracking\n"
+        "assert 'mlflow' not in sys.modules\n"
+        f"_warm_tracking(load_config('configs/default.yaml'), 'sqlite:///{db}')\n"
+        "print(sorted(t.name for t in threading.enumerate()), 'fastapi' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["['MainThread']", "True"], out.stdout
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+    assert {"experiments", "runs", "alembic_version"} <= tables
+
+
 def test_fcdpo_run_uses_a_configured_server_from_env_or_profile(tmp_path, monkeypatch):
     """`fcdpo run` starts a temporary API only when no server is configured, in the environment or in
     the active Prefect profile."""
