@@ -60,13 +60,14 @@ def sample_local(
 
 def sample_by_deployment(cfg: RunConfig, n_shards: int) -> list[ShardResult]:
     """One ``sample-shard`` flow run per shard, all in flight at once; waits for every one."""
+    # imported here, before the shard threads: CPython 3.11 can fail threads importing one package at once
+    from prefect.deployments import run_deployment
+
     params = cfg.model_dump(mode="json")
     parent = get_run_context().flow_run
     log = get_run_logger()
 
     def one(shard: int) -> ShardResult:
-        from prefect.deployments import run_deployment
-
         attempts = cfg.orchestration.shard_attempts
         for attempt in range(1, attempts + 1):
             run = run_deployment(
