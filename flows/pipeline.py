@@ -43,7 +43,7 @@ from fcdpo.stages import (
     stage_dir,
     student_job,
 )
-from flows.executors import sample_shards
+from flows.executors import sample_local, sample_shards
 from tasks.common import Engines, fresh, opaque_args
 from tasks.stages import (
     build_pairs,
@@ -53,7 +53,6 @@ from tasks.stages import (
     gather_chains,
     load_problems,
     pool_chains,
-    sample_shard,
     train_student,
     write_report,
 )
@@ -230,10 +229,9 @@ def _student_chains(
     job = student_job(cfg, policy, samples)
     policy_id = model_identity(str(policy), job.teacher.backend)
     shards_dir = str(stage_dir(cfg, f"{name}/shards", job, policy_id))
-    shards = [
-        sample_shard(shard, job, policy_id, shards_dir, engines)
-        for shard in split_shards(problems, job.teacher.sampling.shard_size)
-    ]
+    shards = sample_local(
+        split_shards(problems, job.teacher.sampling.shard_size), job, policy_id, shards_dir, engines
+    )
     return fresh(gather_chains, shards, str(stage_dir(cfg, f"{name}/chains.jsonl", shards)))
 
 

@@ -95,22 +95,25 @@ def test_pipeline_flow_tracks_lineage_and_reruns_from_cache(harness, tmp_path, t
 
 def test_deleted_run_folder_is_recomputed_not_trusted(harness, tmp_path, tiny_model):
     """Cached task results name files in the run folder; after the folder is deleted the flow recomputes
-    them (sample-shard runs again) instead of returning paths to files that are gone."""
+    them (the teacher's and the student's sample-shard runs again) instead of returning paths to files
+    that are gone. (The same config run from another directory: its relative out_dir names other files.)"""
     import shutil
 
     from flows.pipeline import pipeline
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_run_config(tmp_path, tiny_model, stages=["sample", "pairs"], name="tiny-deleted")
+    over = {"student.on_policy_samples": 2}
+    cfg = tiny_run_config(tmp_path, tiny_model, stages=["sample", "pairs"], name="tiny-deleted", **over)
     first = pipeline(cfg, uri, return_state=True).result()
     run_dir = tmp_path / "runs" / "tiny-deleted"
-    chains = (run_dir / "chains.jsonl").read_text()
+    chains, own = (run_dir / "chains.jsonl").read_text(), (run_dir / "student" / "chains.jsonl").read_text()
     shutil.rmtree(run_dir)
     state = pipeline(cfg, uri, return_state=True)
     assert state.is_completed(), state
     states = _task_states(state.state_details.flow_run_id)
     assert {("sample-shard", "Completed"), ("gather-chains", "Completed")} <= states, states
     assert (run_dir / "chains.jsonl").read_text() == chains  # same seeds: the same chains again
+    assert (run_dir / "student" / "chains.jsonl").read_text() == own
     assert (run_dir / "pairs" / "pairs.parquet").is_file()
     assert state.result().pairs == first.pairs
 
