@@ -130,9 +130,11 @@ def main() -> None:
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
 
     trace = EngineTrace(be.llm.llm_engine)
+    cpu0 = time.process_time()
     with tempfile.TemporaryDirectory() as d:
         res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
         batched_s, tokens = res.seconds, res.completion_tokens
+        agent_client_cpu = (time.process_time() - cpu0) / batched_s
         n_chains = res.sampled
         recs = res.records()
     agent_tps = tokens / batched_s
@@ -173,8 +175,10 @@ def main() -> None:
     be.llm.reset_prefix_cache()
     t0 = time.perf_counter()
     raw_trace = EngineTrace(be.llm.llm_engine)
+    cpu0 = time.process_time()
     outs = be.llm.generate(first, raw_params, use_tqdm=False)
     raw_s = time.perf_counter() - t0
+    raw_client_cpu = (time.process_time() - cpu0) / raw_s
     raw_trace.stop()
     raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     raw_tps = raw_tokens / raw_s
@@ -227,6 +231,10 @@ def main() -> None:
                 "agent_steps_at_full_batch": trace.share_at(args.window),
                 "prefill_tokens_per_request": trace.per_request(1),
                 "generated_tokens_per_request": trace.per_request(2),
+                # CPU seconds per second of this (the client's) process, beside the engine's process on the
+                # same cores: tokenizing, the agent's Python, the functions (z3)
+                "agent_client_cpu_share": round(agent_client_cpu, 3),
+                "raw_client_cpu_share": round(raw_client_cpu, 3),
                 "mean_steps": round(sum(r.n_steps + r.n_failed for r in recs) / len(recs), 2),
                 "engine_start_s": round(start_s, 1),
                 "block_size": args.block_size,

@@ -107,3 +107,23 @@ def test_the_engine_starts_with_a_fresh_machines_fraction(vllm_backend):
     assert vllm_backend.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 32
     gen = vllm_backend.generate(["Problem: What is 2+3?\n>>>"], [PARAMS])
     assert gen[0].error is None and gen[0].completion_tokens > 0
+
+
+def test_a_chains_next_turn_takes_its_reply_from_the_prefix_cache(vllm_backend):
+    """gemma-3 is a sliding-window model, and vLLM's default keeps only the block at each prompt's end of
+    such a model in its prefix cache: the blocks a reply filled while decoding were prefilled again at the
+    chain's next turn (cached <= the first prompt's length). The backend keeps them."""
+    from vllm import SamplingParams as VSP
+
+    llm = vllm_backend.llm
+    llm.reset_prefix_cache()
+    prompt = "Problem: Ann has 12 pears and gives away 5. How many pears does she have left?\n>>>"
+    reply = VSP(temperature=0, max_tokens=40, min_tokens=40, ignore_eos=True)
+    [first] = llm.generate([prompt], [reply], use_tqdm=False)
+    n_prompt, generated = len(first.prompt_token_ids), len(first.outputs[0].token_ids)
+    assert generated == 40 and n_prompt < 64
+    [turn] = llm.generate(
+        [prompt + first.outputs[0].text + "\n7\n>>>"], [VSP(temperature=0, max_tokens=1)], use_tqdm=False
+    )
+    assert turn.num_cached_tokens > n_prompt, (turn.num_cached_tokens, n_prompt, generated)
+    assert turn.num_cached_tokens >= (n_prompt + generated - 1) // 32 * 32

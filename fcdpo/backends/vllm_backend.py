@@ -3,8 +3,9 @@
 Each chain's request joins the engine's running batch as it comes (``agenerate``: continuous batching,
 driven from a thread of its own), and the prefix cache shares the long common prompt (instructions,
 functions, demonstrations) between chains and each chain's earlier turns between its requests. What the
-cache cannot hold is prefilled again each turn: the last partial KV block, the reply and the function's
-result (``bench/sampling.py`` counts it: on a CPU, where the engine is compute-bound and every prefilled
+cache cannot hold is prefilled again each turn: the last partial KV block and the function's result (the
+reply's own full blocks stay cached, see ``prefix_cache_retention_interval`` below; ``bench/sampling.py``
+counts it: on a CPU, where the engine is compute-bound and every prefilled
 token costs compute, this is what keeps the agent's tokens/s below one raw ``generate`` at the same batch).
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
@@ -147,6 +148,10 @@ class VLLMBackend(Backend):
         engine_kwargs["max_num_seqs"] = self.memory.sequences
         engine_kwargs.setdefault("enforce_eager", not gpu)
         engine_kwargs.setdefault("seed", 0)
+        # A sliding-window model (gemma-3: 5 of every 6 layers) keeps, by vLLM's default (0), only the block
+        # at each prompt's end in its prefix cache, so the blocks a reply filled while decoding were prefilled
+        # again at the chain's next turn. None keeps them: the next turn's request reuses its own reply.
+        engine_kwargs.setdefault("prefix_cache_retention_interval", None)
         if not gpu:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             engine_kwargs.setdefault("enable_chunked_prefill", False)
@@ -352,6 +357,7 @@ def server_command(
         "--host", host, "--port", str(port), "--served-model-name", served_model_name or resolved.name,
         "--max-model-len", str(o.max_model_len), "--enable-prefix-caching",
         "--gpu-memory-utilization", str(o.utilization), "--max-num-seqs", str(plan.sequences),
+        "--prefix-cache-retention-interval", "None",  # as the in-process engine: a reply's blocks stay cached
     ]  # fmt: skip
     if not gpu or o.kv_cache_gib is not None:
         argv += ["--kv-cache-memory-bytes", str(plan.kv)]
