@@ -39,7 +39,10 @@ def server(tmp_path_factory):
     argv, env = server_command(
         port=port, served_model_name="gemma", gpu_memory_utilization=0.14, workload=Workload(32, 2048)
     )
-    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(32 * 2048 * 36864)
+    # 32 sequences x 2048 tokens x 2 x 18 layers x 256 (one KV head) x the dtype's bytes (bfloat16 where the
+    # CPU has native bf16, else float32)
+    dtype_bytes = 2 if argv[argv.index("--dtype") + 1] == "bfloat16" else 4
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(32 * 2048 * 2 * 18 * 256 * dtype_bytes)
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

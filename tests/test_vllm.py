@@ -102,7 +102,10 @@ def test_the_engine_starts_with_a_fresh_machines_fraction(vllm_backend):
     cache = vllm_backend.llm.llm_engine.vllm_config.cache_config
     plan = vllm_backend.memory
     assert cache.gpu_memory_utilization == 0.14
-    assert cache.kv_cache_memory_bytes == plan.kv == 32 * 2048 * 36864  # 32 sequences x 2048 tokens
+    # 32 sequences x 2048 tokens x 2 x 18 layers x 256 (one KV head) x the dtype's bytes: float32, or
+    # bfloat16 where the CPU has native bf16 (then the KV cache is half as large)
+    per_token = 2 * 18 * 256 * vllm_backend.llm.llm_engine.vllm_config.model_config.dtype.itemsize
+    assert cache.kv_cache_memory_bytes == plan.kv == 32 * 2048 * per_token
     assert plan.sequences == 32 and plan.fits
     assert vllm_backend.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 32
     gen = vllm_backend.generate(["Problem: What is 2+3?\n>>>"], [PARAMS])
