@@ -8,7 +8,10 @@ through it (four windows' worth by default): a sampling run has many more chains
 - agent_vs_raw_tokens_ratio: generated tokens/s of the asynchronous sampler (``fcdpo.sampling.sample_shard``:
   every chain its own loop, continuous batching), divided by tokens/s of one raw ``llm.generate`` call on a
   full batch (``--window`` of the same initial prompts, each made to generate the chains' mean number of
-  tokens: no stop strings, fixed length): what the engine can do at that batch. Target >= 0.85.
+  tokens: no stop strings, fixed length): what the engine can do at that batch, measured right after the
+  sampler's run (this machine's speed drifts over minutes). Target >= 0.85. sessions_vs_raw_tokens_ratio:
+  the same with each chain one vLLM session (``sessions=True``: one resumable request for all its turns),
+  against a raw run right after it.
 - async_vs_step_sync_tokens_ratio: the asynchronous sampler vs the step-synchronous loop it replaced (every
   active chain in one ``generate`` per step, each step waiting for its slowest chain), on the same
   ``--sync-chains`` chains with the same seeds; ``same_chains`` says whether both wrote the same chains.
@@ -35,14 +38,16 @@ from dataclasses import replace
 
 
 class EngineTrace:
-    """Times each step of a vLLM engine and counts, per finished request, the prompt tokens it had to
-    compute (not held by the prefix cache) and the tokens it generated."""
+    """Times each step of a vLLM engine and counts, per finished request or session turn, the prompt tokens
+    it had to compute (not held by the prefix cache or by the session) and the tokens it generated."""
 
     def __init__(self, engine):
-        self.engine, self.step = engine, engine.step
+        self.engine, self.step, self.core = engine, engine.step, engine.engine_core
         self.steps: list[tuple[float, int]] = []  # (seconds, requests running)
         self.requests: list[tuple[int, int, int]] = []  # (prompt tokens, computed, generated)
         self.running: set[str] = set()
+        # session request id -> [tokens its turn added, tokens generated so far, first turn?]
+        self.sessions: dict[str, list] = {}
         last = [time.perf_counter()]
 
         def step():
@@ -52,22 +57,37 @@ class EngineTrace:
             self.steps.append((now - last[0], n))
             last[0] = now
             for o in outs:
-                if o.finished:
-                    self.running.discard(o.request_id)
+                c, turn = o.outputs[0], self.sessions.get(o.request_id)
+                if turn is not None:
+                    turn[1] += len(c.token_ids)  # a session's outputs come as deltas
+                if c.finish_reason is None:
+                    continue
+                self.running.discard(o.request_id)
+                if turn is None:
                     p = len(o.prompt_token_ids or ())
-                    self.requests.append((p, p - (o.num_cached_tokens or 0), len(o.outputs[0].token_ids)))
+                    self.requests.append((p, p - (o.num_cached_tokens or 0), len(c.token_ids)))
+                else:
+                    cached = (o.num_cached_tokens or 0) if turn[2] else 0
+                    self.requests.append((turn[0], turn[0] - cached, turn[1]))
             return outs
 
-        add = engine.add_request
+        add = self.core.add_request
 
-        def add_request(request_id, *a, **kw):
-            self.running.add(request_id)
-            return add(request_id, *a, **kw)
+        def add_request(req):
+            rid = req.request_id
+            if getattr(req, "resumable", False):
+                turn = self.sessions.get(rid)
+                self.sessions[rid] = [len(req.prompt_token_ids), 0, turn is None]
+            elif rid in self.sessions:  # the session's end
+                del self.sessions[rid]
+                return add(req)
+            self.running.add(rid)
+            return add(req)
 
-        engine.step, engine.add_request = step, add_request
+        engine.step, self.core.add_request = step, add_request
 
     def stop(self) -> None:
-        del self.engine.step, self.engine.add_request  # back to the class's methods
+        del self.engine.step, self.core.add_request  # back to the class's methods
 
     def full_batch_step_ms(self, window: int) -> float:
         full = [s for s, n in self.steps if n >= window]
@@ -129,16 +149,51 @@ def main() -> None:
     # warm-up (first calls compile/allocate), not timed
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
 
-    trace = EngineTrace(be.llm.llm_engine)
-    cpu0 = time.process_time()
-    with tempfile.TemporaryDirectory() as d:
-        res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
-        batched_s, tokens = res.seconds, res.completion_tokens
-        agent_client_cpu = (time.process_time() - cpu0) / batched_s
-        n_chains = res.sampled
-        recs = res.records()
+    def sampler_run(sessions: bool):
+        be.sessions = sessions
+        be.llm.reset_prefix_cache()
+        trace = EngineTrace(be.llm.llm_engine)
+        cpu0 = time.process_time()
+        with tempfile.TemporaryDirectory() as d:
+            res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
+            recs = res.records()
+        trace.stop()
+        return res, recs, trace, (time.process_time() - cpu0) / res.seconds
+
+    # the engine's own limit: one generate call on a full batch of the same initial prompts, each made to
+    # generate the chains' mean number of tokens; measured right after each sampler run it is compared
+    # with (this machine's speed drifts over minutes)
+    first = [
+        agent.prompts([agent.new_chain(p, i, chain_seed(1, p.id, i))])[0]
+        for p in rest
+        for i in range(args.samples)
+    ][: args.window]
+
+    def raw_run(res):
+        per = max(1, round(res.completion_tokens / res.sampled))
+        params = [
+            VSP(temperature=0.7, max_tokens=per, min_tokens=per, ignore_eos=True, seed=i)
+            for i in range(len(first))
+        ]
+        be.llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        raw_trace = EngineTrace(be.llm.llm_engine)
+        cpu0 = time.process_time()
+        outs = be.llm.generate(first, params, use_tqdm=False)
+        raw_s = time.perf_counter() - t0
+        raw_trace.stop()
+        raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        return raw_tokens, raw_s, raw_trace, (time.process_time() - cpu0) / raw_s
+
+    # the sampler as it runs by default (a request per turn), and with each chain one vLLM session
+    res, recs, trace, agent_client_cpu = sampler_run(sessions=False)
+    batched_s, tokens, n_chains = res.seconds, res.completion_tokens, res.sampled
     agent_tps = tokens / batched_s
-    trace.stop()
+    raw_tokens, raw_s, raw_trace, raw_client_cpu = raw_run(res)
+    raw_tps = raw_tokens / raw_s
+    sess, _, sess_trace, _ = sampler_run(sessions=True)
+    sess_raw_tokens, sess_raw_s, *_ = raw_run(sess)
+    be.sessions = False
 
     # the step-synchronous loop this sampler replaced vs the sampler, on the same chains and seeds
     sub = ProblemSet("sub", tuple(rest)[: max(1, args.sync_chains // args.samples)])
@@ -159,29 +214,6 @@ def main() -> None:
     same = [m.model_dump(exclude={"verdict"}) for m in sorted(sub_recs, key=key)] == [
         c.to_record().model_dump(exclude={"verdict"}) for c in sorted(chains, key=key)
     ]
-
-    # the engine's own limit: one generate call on a full batch of the same initial prompts, each made to
-    # generate the chains' mean number of tokens
-    first = [
-        agent.prompts([agent.new_chain(p, i, chain_seed(1, p.id, i))])[0]
-        for p in rest
-        for i in range(args.samples)
-    ][: args.window]
-    per = max(1, round(tokens / n_chains))
-    raw_params = [
-        VSP(temperature=0.7, max_tokens=per, min_tokens=per, ignore_eos=True, seed=i)
-        for i in range(len(first))
-    ]
-    be.llm.reset_prefix_cache()
-    t0 = time.perf_counter()
-    raw_trace = EngineTrace(be.llm.llm_engine)
-    cpu0 = time.process_time()
-    outs = be.llm.generate(first, raw_params, use_tqdm=False)
-    raw_s = time.perf_counter() - t0
-    raw_client_cpu = (time.process_time() - cpu0) / raw_s
-    raw_trace.stop()
-    raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    raw_tps = raw_tokens / raw_s
 
     # naive: one chain at a time to completion (microchain's loop), same backend
     be.llm.reset_prefix_cache()
@@ -211,6 +243,9 @@ def main() -> None:
         json.dumps(
             {
                 "agent_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
+                "sessions_vs_raw_tokens_ratio": round(
+                    (sess.completion_tokens / sess.seconds) / (sess_raw_tokens / sess_raw_s), 3
+                ),
                 "async_vs_step_sync_tokens_ratio": round(
                     (res_sub.completion_tokens / res_sub.seconds) / (sync_tokens / sync_s), 3
                 ),
@@ -218,6 +253,8 @@ def main() -> None:
                 "batched_vs_naive_chains_ratio": round(batched_cps / naive_cps, 2),
                 "agent_tokens_per_s": round(agent_tps, 1),
                 "raw_tokens_per_s": round(raw_tps, 1),
+                "sessions_tokens_per_s": round(sess.completion_tokens / sess.seconds, 1),
+                "raw_tokens_per_s_after_sessions": round(sess_raw_tokens / sess_raw_s, 1),
                 "batched_chains_per_s": round(batched_cps, 3),
                 "naive_chains_per_s": round(naive_cps, 4),
                 "chains": n_chains,
@@ -231,6 +268,9 @@ def main() -> None:
                 "agent_steps_at_full_batch": trace.share_at(args.window),
                 "prefill_tokens_per_request": trace.per_request(1),
                 "generated_tokens_per_request": trace.per_request(2),
+                "sessions_full_batch_step_ms": sess_trace.full_batch_step_ms(args.window),
+                "sessions_prefill_tokens_per_request": sess_trace.per_request(1),
+                "sessions_steps_at_full_batch": sess_trace.share_at(args.window),
                 # CPU seconds per second of this (the client's) process, beside the engine's process on the
                 # same cores: tokenizing, the agent's Python, the functions (z3)
                 "agent_client_cpu_share": round(agent_client_cpu, 3),

@@ -61,13 +61,17 @@ async def roll_out(
             chain = agent.new_chain(problem, index, seed)
             if on_start:
                 on_start()
-            while not chain.done:
-                prompt = chain.builder.render(chain.problem, chain.messages)
-                async with engine_places:
-                    reply = await backend.agenerate(prompt, replace(sampling, seed=step_seed(chain)))
-                if on_reply:
-                    on_reply(reply.completion_tokens)
-                await agent.astep(chain, reply, tools)
+            session = backend.session()
+            try:
+                while not chain.done:
+                    prompt = chain.builder.render(chain.problem, chain.messages)
+                    async with engine_places:
+                        reply = await session.agenerate(prompt, replace(sampling, seed=step_seed(chain)))
+                    if on_reply:
+                        on_reply(reply.completion_tokens)
+                    await agent.astep(chain, reply, tools)
+            finally:
+                session.close()
             on_done(chain.to_record())
 
     try:

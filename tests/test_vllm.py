@@ -32,10 +32,17 @@ def agent_and_set(problems, vllm_backend):
 def test_sampled_records_are_complete(agent_and_set, vllm_backend, tmp_path):
     agent, rest = agent_and_set
     assert len(rest) == 7 and vllm_backend.chat is False  # the GGUF base model has no chat template
-    res = sample_shard(agent, vllm_backend, rest, 4, PARAMS, tmp_path, base_seed=1)
+    # with sessions, 35 chains, more than the engine's 32 places: chains wait for a session to end (a paused
+    # session keeps its place and its KV blocks; when chains could outnumber places, the run hung)
+    vllm_backend.sessions = True
+    try:
+        res = sample_shard(agent, vllm_backend, rest, 5, PARAMS, tmp_path, base_seed=1)
+    finally:
+        vllm_backend.sessions = False
     recs = list(read_jsonl(res.path))
-    assert res.sampled == 28 and sorted(r.key for r in recs) == sorted(
-        (p.id, i) for p in rest for i in range(4)
+    assert vllm_backend.max_in_flight == 32
+    assert res.sampled == 35 and sorted(r.key for r in recs) == sorted(
+        (p.id, i) for p in rest for i in range(5)
     )
     for r in recs:
         assert r.model_id == vllm_backend.model_id and r.model_id.startswith("gemma-3-270m@")
@@ -130,3 +137,43 @@ def test_a_chains_next_turn_takes_its_reply_from_the_prefix_cache(vllm_backend):
     )
     assert turn.num_cached_tokens > n_prompt, (turn.num_cached_tokens, n_prompt, generated)
     assert turn.num_cached_tokens >= (n_prompt + generated - 1) // 32 * 32
+
+
+def test_a_session_resumes_its_request_with_only_the_new_tokens(vllm_backend):
+    """A chain's turns are one resumable vLLM request: the next turn adds only what its prompt adds to the
+    tokens the engine holds (the prompt and the reply, less its last sampled token); a prompt that does not
+    extend them starts a new request; closing the session ends it."""
+    from fcdpo.rollout import run_sync
+
+    tok = vllm_backend.tokenizer
+    prompt = "Problem: Ann has 12 pears and gives away 5. How many pears does she have left?\n>>>"
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+
+    async def turns():
+        assert type(vllm_backend.session()).__name__ == "Session"  # off by default: a request per turn
+        vllm_backend.sessions = True
+        try:
+            s = vllm_backend.session()
+        finally:
+            vllm_backend.sessions = False
+        g1 = await s.agenerate(prompt, greedy)
+        rid, held = s.rid, list(s.held)
+        ids = tok.encode(prompt)
+        # the reply stops at its first newline token, and the text ends before it, as a stop string would
+        assert g1.finish_reason == "stop" and "\n" not in g1.text and g1.completion_tokens > 1
+        assert held[: len(ids)] == ids and len(held) == len(ids) + g1.completion_tokens - 1
+        assert g1.prompt_tokens == len(ids)
+        g2 = await s.agenerate(prompt + g1.text + "\n7\n>>>", greedy)
+        resumed = s.rid == rid
+        g3 = await s.agenerate("Problem: What is 2+3?\n>>>", greedy)
+        fresh = s.rid != rid
+        s.close()
+        await vllm_backend.release()
+        return g2, g3, resumed, fresh, s.rid
+
+    g2, g3, resumed, fresh, after = run_sync(turns())
+    assert resumed and fresh and after is None
+    assert g2.error is None and g2.completion_tokens > 0 and g3.completion_tokens > 0
+    # the same greedy turn as a request of its own writes the same reply
+    [alone] = vllm_backend.generate(["Problem: What is 2+3?\n>>>"], [greedy])
+    assert alone.text == g3.text

@@ -73,6 +73,12 @@ class Backend(ABC):
             batcher = self.__dict__["_batcher"] = _Batcher(self, loop)
         return await batcher.submit(prompt, params)
 
+    def session(self) -> Session:
+        """One chain's conversation: its turns' requests, in order (the asynchronous sampler opens one per
+        chain and closes it when the chain ends). This default sends each turn as its own request; an
+        engine that can keep a chain's state between turns (vLLM) returns a session that does."""
+        return Session(self)
+
     async def release(self) -> None:  # noqa: B027 - optional hook
         """Close what this backend holds on the running event loop (the sampler calls it as its loop ends)."""
 
@@ -84,6 +90,20 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Session:
+    """A chain's turns on a backend (``Backend.session``); this one sends each turn as its own request."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        """The chain's next reply: ``prompt`` is the chain's whole prompt so far."""
+        return await self.backend.agenerate(prompt, params)
+
+    def close(self) -> None:
+        """The chain has ended (or was cancelled): free what the engine holds for it."""
 
 
 class _Batcher:

@@ -5,8 +5,13 @@ driven from a thread of its own), and the prefix cache shares the long common pr
 functions, demonstrations) between chains and each chain's earlier turns between its requests. What the
 cache cannot hold is prefilled again each turn: the last partial KV block and the function's result (the
 reply's own full blocks stay cached, see ``prefix_cache_retention_interval`` below; ``bench/sampling.py``
-counts it: on a CPU, where the engine is compute-bound and every prefilled
-token costs compute, this is what keeps the agent's tokens/s below one raw ``generate`` at the same batch).
+counts it: on a CPU, where the engine is compute-bound and every prefilled token costs compute, this is
+what keeps the agent's tokens/s below one raw ``generate`` at the same batch). With ``sessions=True`` a
+chain's turns are one resumable request instead (``session()``, vLLM's streaming input): the engine keeps
+its KV blocks between turns and the next turn computes only what it adds (28 -> 19 prompt tokens
+computed per request in ``bench/sampling.py``), but a paused session keeps its place in the batch; tokens/s
+rose 32% in one clean run and 2% in another (the README's sampling section): off by default until a longer
+measurement settles it.
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
 guard.
@@ -26,16 +31,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import itertools
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Workload
+from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Session, Workload
 from fcdpo.errors import EngineStartError
 from fcdpo.memory import DTYPE_BYTES, EnginePlan, on_gpu, plan_engine
 from fcdpo.models import DEFAULT_MODEL, cpu_has_bf16, resolve_model
@@ -53,6 +60,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# the longest the engine's thread waits for the next turns of the sessions whose turn just ended, as a
+# share of the last step's time
+TURNAROUND_WAIT = 0.1
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the offline engine (CPU and smaller GPUs)
 
 
@@ -125,7 +135,8 @@ def _default_dtype(gpu: bool) -> str:
 
 
 class VLLMBackend(Backend):
-    """``options``: :class:`EngineOptions` fields, ``enforce_eager`` (default: on CPU), ``enable_lora``,
+    """``options``: :class:`EngineOptions` fields, ``sessions`` (default False; True: a chain's turns are
+    one resumable request, see :class:`_EngineSession`), ``enforce_eager`` (default: on CPU), ``enable_lora``,
     ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword. ``workload``: the sequences the caller
     keeps in flight and the tokens each can reach. ``setting``: where a user changes these options (named
     in errors, e.g. ``teacher.backend_options``)."""
@@ -141,6 +152,7 @@ class VLLMBackend(Backend):
         resolved = resolve_model(model)
         gpu = on_gpu()
         o, engine_kwargs = EngineOptions.split(options)
+        self.sessions = bool(engine_kwargs.pop("sessions", False))
         self.memory = engine_plan(model, options, workload, setting)
         log.info("vLLM %s: %s", resolved.name, self.memory.describe())
         if not gpu or o.kv_cache_gib is not None:
@@ -184,6 +196,15 @@ class VLLMBackend(Backend):
                 f"the engine's options under {setting} (or `fcdpo doctor` to see what this machine has)"
             ) from e
         self.tokenizer = self.llm.get_tokenizer()
+        self._stop_ids: dict[tuple[str, ...], list[int]] = {}
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        # sessions need vLLM's resumable requests (its streaming input)
+        processor = getattr(self.llm.llm_engine, "input_processor", None)
+        self.sessions = (
+            self.sessions
+            and hasattr(processor, "process_inputs")
+            and ("resumable" in inspect.signature(processor.process_inputs).parameters)
+        )
 
     def use_adapter(self, path: str | None, name: str = "adapter") -> None:
         """Sample through a LoRA adapter (needs ``enable_lora=True``); ``None`` goes back to the base model."""
@@ -250,11 +271,46 @@ class VLLMBackend(Backend):
         text = self._text(prompt)
         if (failed := self._too_long(text, params)) is not None:
             return failed
+        fut = asyncio.get_running_loop().create_future()
+        self._stepper_for().submit(("text", text, self._vsp(params), self.lora_request, fut))
+        return self._generation(await fut)
+
+    def session(self) -> Session:
+        """A chain's turns as one resumable vLLM request (a streaming-input session) where ``sessions`` is
+        on: see :class:`_EngineSession`; else a request per turn."""
+        return _EngineSession(self) if self.sessions else Session(self)
+
+    def stop_token_ids(self, stop: tuple[str, ...]) -> list[int] | None:
+        """The tokens whose text holds one of ``stop``'s single characters (a stop string of one character
+        is met exactly when such a token is sampled); None when a stop string is longer."""
+        if any(len(s) != 1 for s in stop):
+            return None
+        if stop not in self._stop_ids:
+            decode = self.tokenizer.decode
+            self._stop_ids[stop] = [
+                i for i in range(len(self.tokenizer)) if any(c in decode([i]) for c in stop)
+            ]
+        return self._stop_ids[stop]
+
+    async def release(self) -> None:
+        """Wait until the engine's thread has taken every request and session end sent to it (a chain's
+        session ends as it closes), so that a :meth:`generate` after the sampler never races it."""
+        while self._stepper is not None and self._stepper.busy:
+            await asyncio.sleep(0.005)
+
+    def _session_slots(self) -> asyncio.Semaphore:
+        """At most ``max_in_flight`` sessions at once (on this event loop): vLLM counts a paused session in
+        its batch and keeps its KV blocks, and the KV cache is planned for that many sequences; more would
+        leave sessions waiting for blocks that only paused sessions hold."""
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.max_in_flight))
+        return self._slots[1]
+
+    def _stepper_for(self) -> _Stepper:
         if self._stepper is None:
             self._stepper = _Stepper(self.llm.llm_engine)
-        fut = asyncio.get_running_loop().create_future()
-        self._stepper.submit(text, self._vsp(params), self.lora_request, fut)
-        return self._generation(await fut)
+        return self._stepper
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -270,6 +326,83 @@ class VLLMBackend(Backend):
         gc.collect()
 
 
+class _EngineSession(Session):
+    """A chain's turns as one resumable vLLM request (vLLM's streaming input): between turns the engine
+    keeps the request, its KV blocks and its place, and the next turn adds only its new tokens (the last
+    sampled token, the function's result, the call prefix). Sending each turn as a new request recomputed
+    the chain's last partial KV block (up to 31 tokens at the CPU's 32-token blocks) on top of them.
+
+    Each turn's prompt is tokenized here, and the turn resumes the request only if the tokens the engine
+    holds (the prompt so far and every reply token it computed: all but the last one sampled) begin it;
+    otherwise (the reply's text tokenizes differently when read back) the request ends and a new one
+    starts from the prefix cache. vLLM's streaming input takes no stop strings: a stop string of one
+    character becomes the tokens that hold it, and a longer one sends each turn as its own request.
+
+    The request's random generator is seeded once, by the chain's first turn, and runs on through its
+    turns: the same seeds give the same chains (within vLLM's batch invariance), but not the chains of
+    separate requests per turn (``sessions=False``, the step-synchronous loop, a server)."""
+
+    def __init__(self, backend: VLLMBackend):
+        super().__init__(backend)
+        self.vllm = backend
+        self.rid: str | None = None
+        self.held: list[int] = []  # the tokens the engine holds for this chain
+        self.slots: asyncio.Semaphore | None = None
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:
+        be = self.vllm
+        stop_ids = be.stop_token_ids(params.stop)
+        if stop_ids is None:
+            return await be.agenerate(prompt, params)
+        ids = be.tokenizer.encode(be._text(prompt))  # as vLLM tokenizes a text prompt
+        budget = be.max_model_len - params.max_tokens
+        if len(ids) > budget:
+            self._end()
+            return Generation(text="", finish_reason="error", error=f"prompt longer than {budget} tokens")
+        stepper = be._stepper_for()
+        if self.slots is None:  # a paused session keeps its place in the engine's batch and its KV blocks
+            self.slots = be._session_slots()
+            await self.slots.acquire()
+        n = len(self.held)
+        if self.rid is not None and len(ids) > n and ids[:n] == self.held:
+            new = ids[n:]
+        else:
+            self._end()
+            self.rid, new = stepper.new_id(), ids
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        vsp = VSP(
+            temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+            seed=params.seed, stop_token_ids=stop_ids, output_kind=RequestOutputKind.DELTA,
+        )  # fmt: skip
+        fut = asyncio.get_running_loop().create_future()
+        stepper.submit(("resume", self.rid, new, vsp, be.lora_request, fut))
+        try:
+            out, finish = await fut
+        except BaseException:
+            self._end()
+            raise
+        self.held = ids + out[:-1]
+        text = be.tokenizer.decode(out, skip_special_tokens=True)
+        for c in params.stop:
+            text = text.split(c, 1)[0]
+        return Generation(
+            text=text, prompt_tokens=len(ids), completion_tokens=len(out), finish_reason=finish or "stop"
+        )
+
+    def _end(self) -> None:
+        if self.rid is not None and self.vllm._stepper is not None:
+            self.vllm._stepper.submit(("end", self.rid))
+        self.rid, self.held = None, []
+
+    def close(self) -> None:
+        self._end()
+        if self.slots is not None:
+            self.slots.release()
+            self.slots = None
+
+
 class _Stepper:
     """Drives one vLLM engine from a thread of its own: requests from any event loop are added to the
     engine between steps, and each one's future is resolved (on its loop) the moment it finishes. The
@@ -278,8 +411,16 @@ class _Stepper:
     def __init__(self, engine: Any):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+        # request id -> (future, its loop, the tokens of a session's turn so far; None: a request of its own)
+        self.waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop, list[int] | None]] = {}
         self.ids = itertools.count()
+        self.turning: set[str] = set()  # sessions whose turn ended at the last step
+        self.step_s = 0.0  # how long the last step took
+        self.tasks = engine.get_supported_tasks()
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        self._end_params = VSP(max_tokens=1, output_kind=RequestOutputKind.DELTA)
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="fcdpo-vllm-stepper", daemon=True)
         self.thread.start()
@@ -288,8 +429,16 @@ class _Stepper:
     def busy(self) -> bool:
         return bool(self.waiting) or not self.inbox.empty()
 
-    def submit(self, text: str, params: Any, lora: Any, fut: asyncio.Future) -> None:
-        self.inbox.put((text, params, lora, fut, asyncio.get_running_loop()))
+    def new_id(self) -> str:
+        return f"fcdpo-{next(self.ids)}"
+
+    def submit(self, item: tuple) -> None:
+        """("text", prompt, params, lora, future): a request of its own; ("resume", request id, new tokens,
+        params, lora, future): a session's next turn (a new session if the id is new); ("end", request
+        id): the session is over."""
+        if item[0] != "end":
+            item = (*item, asyncio.get_running_loop())
+        self.inbox.put(item)
 
     def stop(self) -> None:
         self.stopping = True
@@ -302,20 +451,76 @@ class _Stepper:
                 # wait for work only when the engine has none
                 item = self.inbox.get() if not self.waiting else self._poll()
                 while item is not None:
-                    text, params, lora, fut, loop = item
-                    rid = f"fcdpo-{next(self.ids)}"
-                    self.waiting[rid] = (fut, loop)
-                    self.engine.add_request(rid, text, params, lora_request=lora)
+                    self._add(item)
                     item = self._poll()
+                self._await_turnaround()
                 if self.waiting:
+                    t0 = time.perf_counter()
                     for out in self.engine.step():
-                        if out.finished and out.request_id in self.waiting:
-                            fut, loop = self.waiting.pop(out.request_id)
-                            loop.call_soon_threadsafe(_resolve, fut, out, None)
+                        self._take(out)
+                    self.step_s = time.perf_counter() - t0
             except Exception as e:  # the engine failed: every waiting request sees the error
-                for fut, loop in self.waiting.values():
+                for fut, loop, _ in self.waiting.values():
                     loop.call_soon_threadsafe(_resolve, fut, None, e)
                 self.waiting.clear()
+
+    def _await_turnaround(self) -> None:
+        """A session whose turn just ended keeps its place in the batch, idle until its chain sends the
+        next turn (read the reply, run the call): wait for those turns, a tenth of a step at most, so they
+        join the next step rather than the one after."""
+        deadline = time.perf_counter() + self.step_s * TURNAROUND_WAIT
+        while self.turning and (left := deadline - time.perf_counter()) > 0:
+            try:
+                item = self.inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is None:
+                self.stopping = True
+                break
+            self._add(item)
+        self.turning.clear()
+
+    def _add(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "text":
+            _, text, params, lora, fut, loop = item
+            rid = self.new_id()
+            self.waiting[rid] = (fut, loop, None)
+            self.engine.add_request(rid, text, params, lora_request=lora)
+            return
+        from vllm.inputs import TokensPrompt
+
+        self.turning.discard(item[1])
+        if kind == "end":  # a request that is not resumable ends the session
+            rid, ids, params, lora, resumable = item[1], [0], self._end_params, None, False
+        else:
+            _, rid, ids, params, lora, fut, loop = item
+            resumable = True
+            self.waiting[rid] = (fut, loop, [])
+        req = self.engine.input_processor.process_inputs(
+            rid, TokensPrompt(prompt_token_ids=ids), params, supported_tasks=self.tasks,
+            lora_request=lora, resumable=resumable,
+        )  # fmt: skip
+        req.external_req_id = rid
+        self.engine.output_processor.add_request(req, None, None, 0)
+        self.engine.engine_core.add_request(req)
+
+    def _take(self, out: Any) -> None:
+        entry = self.waiting.get(out.request_id)
+        if entry is None:
+            return
+        fut, loop, tokens = entry
+        if tokens is None:  # a request of its own
+            if out.finished:
+                del self.waiting[out.request_id]
+                loop.call_soon_threadsafe(_resolve, fut, out, None)
+            return
+        c = out.outputs[0]  # a session's turn: its tokens come as deltas
+        tokens.extend(c.token_ids)
+        if c.finish_reason is not None:
+            del self.waiting[out.request_id]
+            self.turning.add(out.request_id)
+            loop.call_soon_threadsafe(_resolve, fut, (tokens, c.finish_reason), None)
 
     def _poll(self) -> Any:
         try:
