@@ -226,12 +226,16 @@ class VLLMBackend(Backend):
         return None
 
     @staticmethod
-    def _vsp(p: SamplingParams) -> Any:
+    def _vsp(p: SamplingParams, stop_ids: list[int] | None = None) -> Any:
+        """vLLM's sampling parameters; ``stop_ids`` (a session's turn): stop at those tokens instead of the
+        stop strings, and return the tokens as they come."""
         from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
 
-        return VSP(
-            temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed, stop=list(p.stop)
-        )
+        stop: dict[str, Any] = {"stop": list(p.stop)}
+        if stop_ids is not None:
+            stop = {"stop_token_ids": stop_ids, "output_kind": RequestOutputKind.DELTA}
+        return VSP(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed, **stop)
 
     @staticmethod
     def _generation(o: Any) -> Generation:
@@ -369,15 +373,8 @@ class _EngineSession(Session):
         else:
             self._end()
             self.rid, new = stepper.new_id(), ids
-        from vllm import SamplingParams as VSP
-        from vllm.sampling_params import RequestOutputKind
-
-        vsp = VSP(
-            temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-            seed=params.seed, stop_token_ids=stop_ids, output_kind=RequestOutputKind.DELTA,
-        )  # fmt: skip
         fut = asyncio.get_running_loop().create_future()
-        stepper.submit(("resume", self.rid, new, vsp, be.lora_request, fut))
+        stepper.submit(("resume", self.rid, new, be._vsp(params, stop_ids), be.lora_request, fut))
         try:
             out, finish = await fut
         except BaseException:
