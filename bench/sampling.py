@@ -11,7 +11,8 @@ through it (four windows' worth by default): a sampling run has many more chains
   tokens: no stop strings, fixed length): what the engine can do at that batch, measured right after the
   sampler's run (this machine's speed drifts over minutes). Target >= 0.85. sessions_vs_raw_tokens_ratio:
   the same with each chain one vLLM session (``sessions=True``: one resumable request for all its turns),
-  against a raw run right after it.
+  on an engine of its own with a quarter more places (paused sessions keep theirs), against a raw run on
+  that engine's full batch right after it.
 - async_vs_step_sync_tokens_ratio: the asynchronous sampler vs the step-synchronous loop it replaced (every
   active chain in one ``generate`` per step, each step waiting for its slowest chain), on the same
   ``--sync-chains`` chains with the same seeds; ``same_chains`` says whether both wrote the same chains.
@@ -74,7 +75,8 @@ class EngineTrace:
         add = self.core.add_request
 
         def add_request(req):
-            rid = req.request_id
+            # outputs carry the caller's id; the engine's own id has a suffix added (vLLM >= 0.30)
+            rid = getattr(req, "external_req_id", None) or req.request_id
             if getattr(req, "resumable", False):
                 turn = self.sessions.get(rid)
                 self.sessions[rid] = [len(req.prompt_token_ids), 0, turn is None]
@@ -96,8 +98,47 @@ class EngineTrace:
     def share_at(self, window: int) -> float:
         return round(sum(s for s, n in self.steps if n >= window) / sum(s for s, _ in self.steps), 3)
 
+    def mean_running(self) -> float:
+        """The requests (or sessions in a turn) running at a step, on average over the run's time."""
+        return round(sum(s * n for s, n in self.steps) / sum(s for s, _ in self.steps), 1)
+
     def per_request(self, field: int) -> float:
         return round(sum(r[field] for r in self.requests) / max(1, len(self.requests)), 1)
+
+
+class Timeline:
+    """When each chain started and each reply came back (the sampler's progress hooks), for the steady
+    phase of a run: from its start until its last chain starts, every place of the window has a chain to
+    run; after it the window drains (the last chains run with the engine less than full). A run of 256
+    chains spends a fifth of its time draining; a run of the paper's 1000 chains per problem, a sliver."""
+
+    def __init__(self):
+        import fcdpo.sampling as sampling
+
+        self.module, self.cls = sampling, sampling.Progress
+        self.starts: list[float] = []
+        self.replies: list[tuple[float, int]] = []
+        timeline = self
+
+        class Recording(self.cls):
+            def start(self) -> None:
+                timeline.starts.append(time.perf_counter())
+                super().start()
+
+            def reply(self, tokens: int) -> None:
+                timeline.replies.append((time.perf_counter(), tokens))
+                super().reply(tokens)
+
+        sampling.Progress = Recording
+
+    def stop(self) -> None:
+        self.module.Progress = self.cls
+
+    def steady(self) -> tuple[float, float]:
+        """(tokens/s over the steady phase, its share of the run's time)."""
+        t0, t1 = self.starts[0], self.starts[-1]
+        tokens = sum(n for t, n in self.replies if t <= t1)
+        return tokens / (t1 - t0), (t1 - t0) / (self.replies[-1][0] - t0)
 
 
 def main() -> None:
@@ -149,28 +190,29 @@ def main() -> None:
     # warm-up (first calls compile/allocate), not timed
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
 
-    def sampler_run(sessions: bool):
-        be.sessions = sessions
+    def sampler_run(be):
         be.llm.reset_prefix_cache()
-        trace = EngineTrace(be.llm.llm_engine)
+        trace, timeline = EngineTrace(be.llm.llm_engine), Timeline()
         cpu0 = time.process_time()
         with tempfile.TemporaryDirectory() as d:
             res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
             recs = res.records()
         trace.stop()
-        return res, recs, trace, (time.process_time() - cpu0) / res.seconds
+        timeline.stop()
+        return res, recs, trace, (time.process_time() - cpu0) / res.seconds, timeline.steady()
 
     # the engine's own limit: one generate call on a full batch of the same initial prompts, each made to
     # generate the chains' mean number of tokens; measured right after each sampler run it is compared
     # with (this machine's speed drifts over minutes)
-    first = [
+    chain_prompts = [
         agent.prompts([agent.new_chain(p, i, chain_seed(1, p.id, i))])[0]
         for p in rest
         for i in range(args.samples)
-    ][: args.window]
+    ]
 
-    def raw_run(res):
+    def raw_run(be, res):
         per = max(1, round(res.completion_tokens / res.sampled))
+        first = chain_prompts[: be.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs]  # a full batch
         params = [
             VSP(temperature=0.7, max_tokens=per, min_tokens=per, ignore_eos=True, seed=i)
             for i in range(len(first))
@@ -185,15 +227,12 @@ def main() -> None:
         raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return raw_tokens, raw_s, raw_trace, (time.process_time() - cpu0) / raw_s
 
-    # the sampler as it runs by default (a request per turn), and with each chain one vLLM session
-    res, recs, trace, agent_client_cpu = sampler_run(sessions=False)
+    # the sampler as it runs by default (a request per turn)
+    res, recs, trace, agent_client_cpu, (steady_tps, steady_share) = sampler_run(be)
     batched_s, tokens, n_chains = res.seconds, res.completion_tokens, res.sampled
     agent_tps = tokens / batched_s
-    raw_tokens, raw_s, raw_trace, raw_client_cpu = raw_run(res)
+    raw_tokens, raw_s, raw_trace, raw_client_cpu = raw_run(be, res)
     raw_tps = raw_tokens / raw_s
-    sess, _, sess_trace, _ = sampler_run(sessions=True)
-    sess_raw_tokens, sess_raw_s, *_ = raw_run(sess)
-    be.sessions = False
 
     # the step-synchronous loop this sampler replaced vs the sampler, on the same chains and seeds
     sub = ProblemSet("sub", tuple(rest)[: max(1, args.sync_chains // args.samples)])
@@ -234,6 +273,15 @@ def main() -> None:
     batched_cps = n_chains / batched_s
     be.close()
 
+    # each chain one vLLM session, on an engine of its own: it has a quarter more places than the batch,
+    # for the sessions paused between turns (fcdpo.backends.vllm_backend.engine_plan)
+    be = VLLMBackend("gemma-3-270m", sessions=True, **kw)
+    sess_places = be.max_in_flight
+    be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
+    sess, _, sess_trace, _, (sess_steady_tps, sess_steady_share) = sampler_run(be)
+    sess_raw_tokens, sess_raw_s, *_ = raw_run(be, sess)
+    be.close()
+
     print(
         f"async: {n_chains} chains, {tokens} tokens in {batched_s:.1f} s (window {args.window}); on {len(sub_recs)} chains: "
         f"async {res_sub.completion_tokens} tokens in {res_sub.seconds:.1f} s, step-synchronous {sync_tokens} tokens in "
@@ -246,6 +294,14 @@ def main() -> None:
                 "sessions_vs_raw_tokens_ratio": round(
                     (sess.completion_tokens / sess.seconds) / (sess_raw_tokens / sess_raw_s), 3
                 ),
+                # the same over the run's steady phase (Timeline): what a long run (the paper's
+                # 1000 chains per problem) keeps up
+                "agent_steady_vs_raw_tokens_ratio": round(steady_tps / raw_tps, 3),
+                "sessions_steady_vs_raw_tokens_ratio": round(
+                    sess_steady_tps / (sess_raw_tokens / sess_raw_s), 3
+                ),
+                "steady_share_of_run": round(steady_share, 3),
+                "sessions_steady_share_of_run": round(sess_steady_share, 3),
                 "async_vs_step_sync_tokens_ratio": round(
                     (res_sub.completion_tokens / res_sub.seconds) / (sync_tokens / sync_s), 3
                 ),
@@ -268,9 +324,11 @@ def main() -> None:
                 "agent_steps_at_full_batch": trace.share_at(args.window),
                 "prefill_tokens_per_request": trace.per_request(1),
                 "generated_tokens_per_request": trace.per_request(2),
-                "sessions_full_batch_step_ms": sess_trace.full_batch_step_ms(args.window),
+                "sessions_engine_places": sess_places,
+                "sessions_mean_running": sess_trace.mean_running(),
+                "agent_mean_running": trace.mean_running(),
                 "sessions_prefill_tokens_per_request": sess_trace.per_request(1),
-                "sessions_steps_at_full_batch": sess_trace.share_at(args.window),
+                "sessions_steps_at_batch": sess_trace.share_at(args.window),
                 # CPU seconds per second of this (the client's) process, beside the engine's process on the
                 # same cores: tokenizing, the agent's Python, the functions (z3)
                 "agent_client_cpu_share": round(agent_client_cpu, 3),

@@ -63,6 +63,7 @@ async def roll_out(
                 on_start()
             session = backend.session()
             try:
+                await session.start()
                 while not chain.done:
                     prompt = chain.builder.render(chain.problem, chain.messages)
                     async with engine_places:

@@ -98,6 +98,10 @@ class Session:
     def __init__(self, backend: Backend):
         self.backend = backend
 
+    async def start(self) -> None:
+        """Wait until the engine can hold this chain (the sampler calls it once, before the first turn and
+        outside the window of requests in flight); this one needs nothing."""
+
     async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         """The chain's next reply: ``prompt`` is the chain's whole prompt so far."""
         return await self.backend.agenerate(prompt, params)

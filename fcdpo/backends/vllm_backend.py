@@ -42,7 +42,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, Session, Workload
+from fcdpo.backends.base import (
+    Backend,
+    Generation,
+    Prompt,
+    SamplingParams,
+    Session,
+    Workload,
+    default_window,
+)
 from fcdpo.errors import EngineStartError
 from fcdpo.memory import DTYPE_BYTES, EnginePlan, on_gpu, plan_engine
 from fcdpo.models import DEFAULT_MODEL, cpu_has_bf16, resolve_model
@@ -117,10 +125,14 @@ def engine_plan(
     """The memory plan of an engine built with these backend options (what :class:`VLLMBackend` and
     :func:`server_command` use, and what ``fcdpo doctor`` prints); ``check`` raises
     :class:`fcdpo.errors.NotEnoughMemory` when it does not fit."""
-    o, _ = EngineOptions.split(options or {})
+    o, rest = EngineOptions.split(options or {})
     seqs = o.max_num_seqs or min(
         workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS
     )
+    if rest.get("sessions"):
+        # a paused session (its chain running its call) keeps its place in the engine and its KV blocks: a
+        # quarter more places than the batch, so the running batch stays full meanwhile
+        seqs = default_window(seqs)
     plan = plan_engine(
         resolve_model(model).path, _dtype_bytes(o.resolved_dtype), o.max_model_len, seqs,
         workload.tokens_per_sequence if workload else None, o.kv_cache_gib,
@@ -197,6 +209,7 @@ class VLLMBackend(Backend):
             ) from e
         self.tokenizer = self.llm.get_tokenizer()
         self._stop_ids: dict[tuple[str, ...], list[int]] = {}
+        self._stop_lock = threading.Lock()
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         # sessions need vLLM's resumable requests (its streaming input)
         processor = getattr(self.llm.llm_engine, "input_processor", None)
@@ -289,12 +302,20 @@ class VLLMBackend(Backend):
         is met exactly when such a token is sampled); None when a stop string is longer."""
         if any(len(s) != 1 for s in stop):
             return None
-        if stop not in self._stop_ids:
-            decode = self.tokenizer.decode
-            self._stop_ids[stop] = [
-                i for i in range(len(self.tokenizer)) if any(c in decode([i]) for c in stop)
-            ]
+        with self._stop_lock:  # once per stop set: a scan of the whole vocabulary
+            if stop not in self._stop_ids:
+                decode = self.tokenizer.decode
+                self._stop_ids[stop] = [
+                    i for i in range(len(self.tokenizer)) if any(c in decode([i]) for c in stop)
+                ]
         return self._stop_ids[stop]
+
+    async def astop_token_ids(self, stop: tuple[str, ...]) -> list[int] | None:
+        """:meth:`stop_token_ids`, scanning the vocabulary in a thread the first time (1.1 s for gemma-3's
+        262k tokens here), not on the event loop the chains run on."""
+        if stop in self._stop_ids:
+            return self._stop_ids[stop]
+        return await asyncio.to_thread(self.stop_token_ids, stop)
 
     async def release(self) -> None:
         """Wait until the engine's thread has taken every request and session end sent to it (a chain's
@@ -353,10 +374,19 @@ class _EngineSession(Session):
         self.held: list[int] = []  # the tokens the engine holds for this chain
         self.slots: asyncio.Semaphore | None = None
 
+    async def start(self) -> None:
+        """Wait for one of the engine's session places: a paused session keeps its place in the engine's
+        batch and its KV blocks."""
+        if self.slots is None:
+            slots = self.vllm._session_slots()
+            await slots.acquire()
+            self.slots = slots
+
     async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         be = self.vllm
-        stop_ids = be.stop_token_ids(params.stop)
-        if stop_ids is None:
+        stop_ids = await be.astop_token_ids(params.stop)
+        if stop_ids is None:  # a request per turn: no session place needed
+            self.close()
             return await be.agenerate(prompt, params)
         ids = be.tokenizer.encode(be._text(prompt))  # as vLLM tokenizes a text prompt
         budget = be.max_model_len - params.max_tokens
@@ -364,9 +394,7 @@ class _EngineSession(Session):
             self._end()
             return Generation(text="", finish_reason="error", error=f"prompt longer than {budget} tokens")
         stepper = be._stepper_for()
-        if self.slots is None:  # a paused session keeps its place in the engine's batch and its KV blocks
-            self.slots = be._session_slots()
-            await self.slots.acquire()
+        await self.start()
         n = len(self.held)
         if self.rid is not None and len(ids) > n and ids[:n] == self.held:
             new = ids[n:]
