@@ -142,6 +142,9 @@ def test_sessions_get_a_quarter_more_engine_places_and_their_kv():
     plain = engine_plan(options={"max_num_seqs": 64}, workload=w, check=False)
     sess = engine_plan(options={"max_num_seqs": 64, "sessions": True}, workload=w, check=False)
     assert (plain.sequences, sess.sequences) == (64, 80)
-    assert (plain.kv_needed, sess.kv_needed) == (64 * 1000 * plain.kv_per_token, 80 * 1000 * plain.kv_per_token)
+    assert (plain.kv_needed, sess.kv_needed) == (
+        64 * 1000 * plain.kv_per_token,
+        80 * 1000 * plain.kv_per_token,
+    )
     # the batch from the workload, when max_num_seqs is not given
     assert engine_plan(options={"sessions": True}, workload=Workload(40, 1000), check=False).sequences == 50
