@@ -5,23 +5,26 @@ The engine batches ``--window`` sequences (its ``max_num_seqs``), and the sample
 through it (four windows' worth by default): a sampling run has many more chains than the engine batches
 (the paper: 1000 per problem), and only the last window's chains drain at the end.
 
-- agent_vs_raw_tokens_ratio: generated tokens/s of the asynchronous sampler (``fcdpo.sampling.sample_shard``:
-  every chain its own loop, continuous batching), divided by tokens/s of one raw ``llm.generate`` call on a
-  full batch (``--window`` of the same initial prompts, each made to generate the chains' mean number of
-  tokens: no stop strings, fixed length): what the engine can do at that batch, measured right after the
-  sampler's run (this machine's speed drifts over minutes). Target >= 0.85. sessions_vs_raw_tokens_ratio:
-  the same with each chain one vLLM session (``sessions=True``: one resumable request for all its turns),
-  on an engine of its own with a quarter more places (paused sessions keep theirs), against a raw run on
-  that engine's full batch right after it.
-- async_vs_step_sync_tokens_ratio: the asynchronous sampler vs the step-synchronous loop it replaced (every
-  active chain in one ``generate`` per step, each step waiting for its slowest chain), on the same
-  ``--sync-chains`` chains with the same seeds; ``same_chains`` says whether both wrote the same chains.
-- batched_vs_naive_chains_ratio: chains/s of the sampler vs a naive loop that runs one chain at a time to
-  completion (as microchain does), same backend. Target >= 5.
+- agent_vs_raw_tokens_ratio: generated tokens/s of the asynchronous sampler as it runs by default
+  (``fcdpo.sampling.sample_shard``: every chain its own loop and one vLLM session, continuous batching, on
+  an engine with a quarter more places than ``--window`` for the sessions paused between turns), divided
+  by tokens/s of one raw ``llm.generate`` call on that engine's full batch (as many of the same initial
+  prompts, each made to generate the chains' mean number of tokens: no stop strings, fixed length): what
+  the engine can do, measured right after the sampler's run (this machine's speed drifts over minutes).
+  Target >= 0.85. request_per_turn_vs_raw_tokens_ratio: the same with each turn a request of its own
+  (``sessions=False``) on an engine batching ``--window``, against a raw run on it.
+  ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
+- async_vs_step_sync_tokens_ratio: the asynchronous sampler (a request per turn) vs the step-synchronous
+  loop it replaced (every active chain in one ``generate`` per step, each step waiting for its slowest
+  chain), on the same ``--sync-chains`` chains with the same seeds; ``same_chains`` says whether both wrote
+  the same chains (a session seeds its generator once per chain, so only a request per turn can).
+- batched_vs_naive_chains_ratio: chains/s of the sampler (a request per turn) vs a naive loop that runs
+  one chain at a time to completion (as microchain does), same engine. Target >= 5.
 
 The engine's prefix cache is emptied between the runs, so no run reuses another's prompts.
 
-All figures come from one run on one engine. Last line: one JSON object.
+All figures come from one run, on two engines (a request per turn, then sessions). Last line: one JSON
+object.
 
     python bench/sampling.py [--chains 256] [--window 64] [--sync-chains 64] [--naive-chains 8]
 """
@@ -182,7 +185,7 @@ def main() -> None:
     kw = {"block_size": args.block_size} if args.block_size else {}
     kw["max_num_seqs"] = args.window
     t0 = time.perf_counter()
-    be = VLLMBackend("gemma-3-270m", **kw)
+    be = VLLMBackend("gemma-3-270m", sessions=False, **kw)
     start_s = time.perf_counter() - t0
     agent = Agent(prompt, limits, model_id=be.model_id)
     sp = SamplingParams(temperature=0.7, max_tokens=args.max_tokens)
@@ -227,7 +230,7 @@ def main() -> None:
         raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return raw_tokens, raw_s, raw_trace, (time.process_time() - cpu0) / raw_s
 
-    # the sampler as it runs by default (a request per turn)
+    # the sampler with a request per turn
     res, recs, trace, agent_client_cpu, (steady_tps, steady_share) = sampler_run(be)
     batched_s, tokens, n_chains = res.seconds, res.completion_tokens, res.sampled
     agent_tps = tokens / batched_s
@@ -275,7 +278,7 @@ def main() -> None:
 
     # each chain one vLLM session, on an engine of its own: it has a quarter more places than the batch,
     # for the sessions paused between turns (fcdpo.backends.vllm_backend.engine_plan)
-    be = VLLMBackend("gemma-3-270m", sessions=True, **kw)
+    be = VLLMBackend("gemma-3-270m", **kw)  # sessions: the default
     sess_places = be.max_in_flight
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
     sess, _, sess_trace, _, (sess_steady_tps, sess_steady_share) = sampler_run(be)
@@ -290,27 +293,27 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "agent_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
-                "sessions_vs_raw_tokens_ratio": round(
+                "agent_vs_raw_tokens_ratio": round(
                     (sess.completion_tokens / sess.seconds) / (sess_raw_tokens / sess_raw_s), 3
                 ),
+                "request_per_turn_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
                 # the same over the run's steady phase (Timeline): what a long run (the paper's
                 # 1000 chains per problem) keeps up
-                "agent_steady_vs_raw_tokens_ratio": round(steady_tps / raw_tps, 3),
-                "sessions_steady_vs_raw_tokens_ratio": round(
+                "agent_steady_vs_raw_tokens_ratio": round(
                     sess_steady_tps / (sess_raw_tokens / sess_raw_s), 3
                 ),
-                "steady_share_of_run": round(steady_share, 3),
-                "sessions_steady_share_of_run": round(sess_steady_share, 3),
+                "request_per_turn_steady_vs_raw_tokens_ratio": round(steady_tps / raw_tps, 3),
+                "steady_share_of_run": round(sess_steady_share, 3),
+                "request_per_turn_steady_share_of_run": round(steady_share, 3),
                 "async_vs_step_sync_tokens_ratio": round(
                     (res_sub.completion_tokens / res_sub.seconds) / (sync_tokens / sync_s), 3
                 ),
                 "same_chains": same,
                 "batched_vs_naive_chains_ratio": round(batched_cps / naive_cps, 2),
-                "agent_tokens_per_s": round(agent_tps, 1),
-                "raw_tokens_per_s": round(raw_tps, 1),
-                "sessions_tokens_per_s": round(sess.completion_tokens / sess.seconds, 1),
-                "raw_tokens_per_s_after_sessions": round(sess_raw_tokens / sess_raw_s, 1),
+                "agent_tokens_per_s": round(sess.completion_tokens / sess.seconds, 1),
+                "raw_tokens_per_s": round(sess_raw_tokens / sess_raw_s, 1),
+                "request_per_turn_tokens_per_s": round(agent_tps, 1),
+                "raw_tokens_per_s_after_request_per_turn": round(raw_tps, 1),
                 "batched_chains_per_s": round(batched_cps, 3),
                 "naive_chains_per_s": round(naive_cps, 4),
                 "chains": n_chains,
@@ -319,16 +322,18 @@ def main() -> None:
                 "naive_chains": len(naive_problems),
                 # where the agent's time goes: each request of a turn prefills what the prefix cache does not
                 # hold (the last partial KV block, the reply, the function's result), beside the decoding
-                "agent_full_batch_step_ms": trace.full_batch_step_ms(args.window),
+                "request_per_turn_full_batch_step_ms": trace.full_batch_step_ms(args.window),
                 "raw_full_batch_step_ms": raw_trace.full_batch_step_ms(args.window),
-                "agent_steps_at_full_batch": trace.share_at(args.window),
-                "prefill_tokens_per_request": trace.per_request(1),
+                # share of the run's time with at least --window requests in the engine (running or queued)
+                "request_per_turn_steps_at_batch": trace.share_at(args.window),
+                "request_per_turn_prefill_tokens_per_request": trace.per_request(1),
                 "generated_tokens_per_request": trace.per_request(2),
-                "sessions_engine_places": sess_places,
-                "sessions_mean_running": sess_trace.mean_running(),
-                "agent_mean_running": trace.mean_running(),
-                "sessions_prefill_tokens_per_request": sess_trace.per_request(1),
-                "sessions_steps_at_batch": sess_trace.share_at(args.window),
+                "engine_places": sess_places,
+                # sessions in a turn (running or queued), on average over the run's time
+                "sessions_in_a_turn": sess_trace.mean_running(),
+                "request_per_turn_in_engine": trace.mean_running(),
+                "prefill_tokens_per_request": sess_trace.per_request(1),
+                "steps_at_batch": sess_trace.share_at(args.window),
                 # CPU seconds per second of this (the client's) process, beside the engine's process on the
                 # same cores: tokenizing, the agent's Python, the functions (z3)
                 "agent_client_cpu_share": round(agent_client_cpu, 3),

@@ -67,6 +67,9 @@ def vllm_backend():
         max_model_len=4096,
         workload=Workload(32, 2048),
         dtype="float32",
+        # a request per turn, as the step-synchronous loop the tests compare with; the session tests turn
+        # sessions on (a session seeds its generator once per chain, so its chains are its own)
+        sessions=False,
     )
     yield backend
     backend.close()

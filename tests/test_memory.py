@@ -134,17 +134,18 @@ def test_settings_reject_a_malformed_number(monkeypatch):
 
 def test_sessions_get_a_quarter_more_engine_places_and_their_kv():
     """A paused vLLM session (its chain running its call) keeps its place in the engine and its KV blocks:
-    with ``sessions`` on, the engine gets a quarter more places than the batch, and KV for each."""
+    with ``sessions`` on (the default), the engine gets a quarter more places than the batch, and KV for
+    each; a request per turn needs none."""
     from fcdpo.backends.base import Workload
     from fcdpo.backends.vllm_backend import engine_plan
 
     w = Workload(64, 1000)
-    plain = engine_plan(options={"max_num_seqs": 64}, workload=w, check=False)
-    sess = engine_plan(options={"max_num_seqs": 64, "sessions": True}, workload=w, check=False)
+    plain = engine_plan(options={"max_num_seqs": 64, "sessions": False}, workload=w, check=False)
+    sess = engine_plan(options={"max_num_seqs": 64}, workload=w, check=False)  # sessions: the default
     assert (plain.sequences, sess.sequences) == (64, 80)
     assert (plain.kv_needed, sess.kv_needed) == (
         64 * 1000 * plain.kv_per_token,
         80 * 1000 * plain.kv_per_token,
     )
     # the batch from the workload, when max_num_seqs is not given
-    assert engine_plan(options={"sessions": True}, workload=Workload(40, 1000), check=False).sequences == 50
+    assert engine_plan(workload=Workload(40, 1000), check=False).sequences == 50

@@ -150,7 +150,7 @@ def test_a_session_resumes_its_request_with_only_the_new_tokens(vllm_backend):
     greedy = SamplingParams(temperature=0, max_tokens=24)
 
     async def turns():
-        assert type(vllm_backend.session()).__name__ == "Session"  # off by default: a request per turn
+        assert type(vllm_backend.session()).__name__ == "Session"  # off on this engine: a request per turn
         vllm_backend.sessions = True
         try:
             s = vllm_backend.session()

