@@ -148,8 +148,8 @@ def _default_dtype(gpu: bool) -> str:
 
 class VLLMBackend(Backend):
     """``options``: :class:`EngineOptions` fields, ``sessions`` (default True: a chain's turns are one
-    resumable request, see :class:`_EngineSession`; False: a request per turn), ``enforce_eager`` (default: on CPU), ``enable_lora``,
-    ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword. ``workload``: the sequences the caller
+    resumable request, see :class:`_EngineSession`; False: a request per turn), ``enforce_eager`` (default:
+    on CPU), ``enable_lora``, ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword. ``workload``: the sequences the caller
     keeps in flight and the tokens each can reach. ``setting``: where a user changes these options (named
     in errors, e.g. ``teacher.backend_options``)."""
 
@@ -313,8 +313,8 @@ class VLLMBackend(Backend):
     async def astop_token_ids(self, stop: tuple[str, ...]) -> list[int] | None:
         """:meth:`stop_token_ids`, scanning the vocabulary in a thread the first time (1.1 s for gemma-3's
         262k tokens here), not on the event loop the chains run on."""
-        if stop in self._stop_ids:
-            return self._stop_ids[stop]
+        if stop in self._stop_ids or any(len(s) != 1 for s in stop):
+            return self._stop_ids.get(stop)
         return await asyncio.to_thread(self.stop_token_ids, stop)
 
     async def release(self) -> None:
