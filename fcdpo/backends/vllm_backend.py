@@ -10,8 +10,8 @@ prefix cache holds the shared prompt (instructions, functions, demonstrations) a
 turns; what it cannot hold is prefilled again each turn (the last partial KV block, the reply's last
 tokens). On a CPU, where the engine is compute-bound and every prefilled token costs compute,
 ``bench/sampling.py`` measured 28 prompt tokens computed per request with a request per turn against 19
-with sessions, and 137.9-156.7 tokens/s in six runs against 154.7-196.8 in four with sessions, on one
-machine within an hour (the README's sampling section).
+with sessions; tokens/s moved too much from run to run here to settle a gain (137.7-196.8 with sessions,
+137.9-156.7 with a request per turn: the README's sampling section).
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
 guard.
