@@ -149,9 +149,9 @@ def _default_dtype(gpu: bool) -> str:
 class VLLMBackend(Backend):
     """``options``: :class:`EngineOptions` fields, ``sessions`` (default True: a chain's turns are one
     resumable request, see :class:`_EngineSession`; False: a request per turn), ``enforce_eager`` (default:
-    on CPU), ``enable_lora``, ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword. ``workload``: the sequences the caller
-    keeps in flight and the tokens each can reach. ``setting``: where a user changes these options (named
-    in errors, e.g. ``teacher.backend_options``)."""
+    on CPU), ``enable_lora``, ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword.
+    ``workload``: the sequences the caller keeps in flight and the tokens each can reach. ``setting``: where
+    a user changes these options (named in errors, e.g. ``teacher.backend_options``)."""
 
     def __init__(
         self,
