@@ -19,7 +19,9 @@ evaluation-time bytes.
 
 - ``gradient_checkpointing`` off on CPU (TRL defaults it on; it recomputes every forward);
 - bf16 autocast only where the CPU has native bf16 (AVX512-BF16/AMX): on this 2-core machine without it,
-  a DPO step on gemma-3-270m took 44 s under bf16 autocast and 17 s in float32 (TRL defaults bf16 on);
+  a DPO step on gemma-3-270m took 44 s under bf16 autocast and 17 s in float32 (TRL defaults bf16 on).
+  bf16 on a CPU is not bitwise reproducible: the same run repeated gave weights up to 3.2e-4 apart in 2
+  of 5 tries (float32: the same bits in 6 of 6); set ``bf16: false`` where you need the same bits;
 - the reference is PEFT's disabled adapter, and its log-probabilities are computed once and cached;
 - TRL's fused LM head scores only labelled positions on Triton devices; elsewhere it projects *every*
   position through the vocabulary (262k for Gemma 3), prompt included. ``compact_logprobs`` makes it
