@@ -10,9 +10,14 @@ through it (four windows' worth by default): a sampling run has many more chains
   an engine with a quarter more places than ``--window`` for the sessions paused between turns), divided
   by tokens/s of one raw ``llm.generate`` call on that engine's full batch (as many of the same initial
   prompts, each made to generate the chains' mean number of tokens: no stop strings, fixed length): what
-  the engine can do, measured right after the sampler's run (this machine's speed drifts over minutes).
-  Target >= 0.85. request_per_turn_vs_raw_tokens_ratio: the same with each turn a request of its own
-  (``sessions=False``) on an engine batching ``--window``, against a raw run on it.
+  the engine can do, measured right after the sampler's run (this machine's speed drifts over minutes;
+  the median of ``--raw-repeats`` raw runs). Target >= 0.85. request_per_turn_vs_raw_tokens_ratio: the
+  same with each turn a request of its own (``sessions=False``) on an engine batching ``--window``,
+  against a raw run on it.
+- agent_vs_raw_turns_tokens_ratio: the sampler (sessions) against raw requests as short as its turns: four
+  batches' worth of the initial prompts in one ``generate`` call, each generating a length drawn from the
+  sampler's own turns (continuous batching of short requests, no functions between them; the median of
+  ``--raw-repeats`` runs). What a turn costs the engine by itself, apart from the sampler.
   ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
 - async_vs_step_sync_tokens_ratio: the asynchronous sampler (a request per turn) vs the step-synchronous
   loop it replaced (every active chain in one ``generate`` per step, each step waiting for its slowest
@@ -36,6 +41,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import tempfile
 import time
 from dataclasses import replace
@@ -158,6 +164,9 @@ def main() -> None:
     ap.add_argument("--demos", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--block-size", type=int, default=None, help="KV block size (prefix-cache granularity)")
+    ap.add_argument(
+        "--raw-repeats", type=int, default=3, help="raw runs after each sampler run (the median counts)"
+    )
     args = ap.parse_args()
 
     from vllm import SamplingParams as VSP
@@ -214,6 +223,13 @@ def main() -> None:
     ]
 
     def raw_run(be, res):
+        """The median of ``--raw-repeats`` raw runs by tokens/s (one lasts seconds; this machine's speed
+        moves between them), and every run's tokens/s."""
+        runs = [raw_once(be, res) for _ in range(args.raw_repeats)]
+        runs.sort(key=lambda r: r[0] / r[1])
+        return (*runs[len(runs) // 2], [round(t / s, 1) for t, s, *_ in runs])
+
+    def raw_once(be, res):
         per = max(1, round(res.completion_tokens / res.sampled))
         first = chain_prompts[: be.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs]  # a full batch
         params = [
@@ -230,11 +246,30 @@ def main() -> None:
         raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return raw_tokens, raw_s, raw_trace, (time.process_time() - cpu0) / raw_s
 
+    def raw_turns(be, trace):
+        """tokens/s of raw requests as long as the sampler's turns (see the module doc): the median run."""
+        lengths = [generated for _, _, generated in trace.requests if generated > 0]
+        places = be.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        rng = random.Random(0)
+        runs = []
+        for _ in range(args.raw_repeats):
+            n = 4 * places
+            params = [
+                VSP(temperature=0.7, max_tokens=k, min_tokens=k, ignore_eos=True, seed=i)
+                for i, k in enumerate(rng.choice(lengths) for _ in range(n))
+            ]
+            prompts = [chain_prompts[i % len(chain_prompts)] for i in range(n)]
+            be.llm.reset_prefix_cache()
+            t0 = time.perf_counter()
+            outs = be.llm.generate(prompts, params, use_tqdm=False)
+            runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
+        return sorted(runs)[len(runs) // 2], [round(r, 1) for r in sorted(runs)]
+
     # the sampler with a request per turn
     res, recs, trace, agent_client_cpu, (steady_tps, steady_share) = sampler_run(be)
     batched_s, tokens, n_chains = res.seconds, res.completion_tokens, res.sampled
     agent_tps = tokens / batched_s
-    raw_tokens, raw_s, raw_trace, raw_client_cpu = raw_run(be, res)
+    raw_tokens, raw_s, raw_trace, raw_client_cpu, raw_runs = raw_run(be, res)
     raw_tps = raw_tokens / raw_s
 
     # the step-synchronous loop this sampler replaced vs the sampler, on the same chains and seeds
@@ -282,7 +317,8 @@ def main() -> None:
     sess_places = be.max_in_flight
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
     sess, _, sess_trace, _, (sess_steady_tps, sess_steady_share) = sampler_run(be)
-    sess_raw_tokens, sess_raw_s, *_ = raw_run(be, sess)
+    sess_raw_tokens, sess_raw_s, sess_raw_trace, _, sess_raw_runs = raw_run(be, sess)
+    turns_tps, turns_runs = raw_turns(be, sess_trace)
     be.close()
 
     print(
@@ -312,6 +348,13 @@ def main() -> None:
                 "batched_vs_naive_chains_ratio": round(batched_cps / naive_cps, 2),
                 "agent_tokens_per_s": round(sess.completion_tokens / sess.seconds, 1),
                 "raw_tokens_per_s": round(sess_raw_tokens / sess_raw_s, 1),
+                "raw_tokens_per_s_runs": sess_raw_runs,
+                "raw_tokens_per_s_runs_after_request_per_turn": raw_runs,
+                "raw_prefill_tokens_per_request": sess_raw_trace.per_request(1),
+                "agent_vs_raw_turns_tokens_ratio": round(
+                    (sess.completion_tokens / sess.seconds) / turns_tps, 3
+                ),
+                "raw_turns_tokens_per_s_runs": turns_runs,
                 "request_per_turn_tokens_per_s": round(agent_tps, 1),
                 "raw_tokens_per_s_after_request_per_turn": round(raw_tps, 1),
                 "batched_chains_per_s": round(batched_cps, 3),
