@@ -14,11 +14,11 @@ through it (four windows' worth by default): a sampling run has many more chains
   the median of ``--raw-repeats`` raw runs). Target >= 0.85. request_per_turn_vs_raw_tokens_ratio: the
   same with each turn a request of its own (``sessions=False``) on an engine batching ``--window``,
   against a raw run on it.
+  ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
 - agent_vs_raw_turns_tokens_ratio: the sampler (sessions) against raw requests as short as its turns: four
   batches' worth of the initial prompts in one ``generate`` call, each generating a length drawn from the
   sampler's own turns (continuous batching of short requests, no functions between them; the median of
   ``--raw-repeats`` runs). What a turn costs the engine by itself, apart from the sampler.
-  ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
 - async_vs_step_sync_tokens_ratio: the asynchronous sampler (a request per turn) vs the step-synchronous
   loop it replaced (every active chain in one ``generate`` per step, each step waiting for its slowest
   chain), on the same ``--sync-chains`` chains with the same seeds; ``same_chains`` says whether both wrote
