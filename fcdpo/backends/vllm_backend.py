@@ -11,7 +11,7 @@ turns; what it cannot hold is prefilled again each turn (the last partial KV blo
 tokens). On a CPU, where the engine is compute-bound and every prefilled token costs compute,
 ``bench/sampling.py`` measured 28 prompt tokens computed per request with a request per turn against 19
 with sessions; tokens/s moved too much from run to run here to settle a gain (137.7-196.8 with sessions,
-137.9-156.7 with a request per turn: the README's sampling section).
+129.2-156.7 with a request per turn: the README's sampling section).
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
 guard.
@@ -72,6 +72,7 @@ def _first_line(e: BaseException) -> str:
 # share of the last step's time
 TURNAROUND_WAIT = 0.1
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the offline engine (CPU and smaller GPUs)
+DEFAULT_SESSIONS = True  # a chain's turns are one resumable request (``backend_options: {sessions: ...}``)
 
 
 def default_utilization(gpu: bool) -> float:
@@ -129,7 +130,7 @@ def engine_plan(
     seqs = o.max_num_seqs or min(
         workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS
     )
-    if rest.get("sessions", True):
+    if rest.get("sessions", DEFAULT_SESSIONS):
         # a paused session (its chain running its call) keeps its place in the engine and its KV blocks: a
         # quarter more places than the batch, so the running batch stays full meanwhile
         seqs = default_window(seqs)
@@ -164,7 +165,7 @@ class VLLMBackend(Backend):
         resolved = resolve_model(model)
         gpu = on_gpu()
         o, engine_kwargs = EngineOptions.split(options)
-        self.sessions = bool(engine_kwargs.pop("sessions", True))
+        self.sessions = bool(engine_kwargs.pop("sessions", DEFAULT_SESSIONS))
         self.memory = engine_plan(model, options, workload, setting)
         log.info("vLLM %s: %s", resolved.name, self.memory.describe())
         if not gpu or o.kv_cache_gib is not None:
