@@ -37,7 +37,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -68,9 +67,8 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# the longest the engine's thread waits for the next turns of the sessions whose turn just ended, as a
-# share of the last step's time
-TURNAROUND_WAIT = 0.1
+# how often the engine's thread looks for the engine core's next outputs while it waits for requests
+OUTPUT_POLL_S = 0.002
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the offline engine (CPU and smaller GPUs)
 DEFAULT_SESSIONS = True  # a chain's turns are one resumable request (``backend_options: {sessions: ...}``)
 
@@ -431,8 +429,15 @@ class _EngineSession(Session):
 
 class _Stepper:
     """Drives one vLLM engine from a thread of its own: requests from any event loop are added to the
-    engine between steps, and each one's future is resolved (on its loop) the moment it finishes. The
-    engine is touched only by this thread."""
+    engine as they come, and each one's future is resolved (on its loop) the moment it finishes. The
+    engine is touched only by this thread.
+
+    The engine core runs in a process of its own and steps on by itself; ``engine.step()`` only collects
+    the outputs of its next step. So this thread waits for those outputs and adds the requests that come
+    meanwhile: a session's next turn, sent while a step runs, joins the step after it. Added only between
+    two ``engine.step()`` calls, it joined the step after that (a session idled two steps per turn, not
+    one): on the bench's sessions engine of 80 places, 66.7 and 68.8 were in a turn on average, and 71.2
+    and 70.6 with requests added as they come (alternating runs, the same engine)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -440,8 +445,9 @@ class _Stepper:
         # request id -> (future, its loop, the tokens of a session's turn so far; None: a request of its own)
         self.waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop, list[int] | None]] = {}
         self.ids = itertools.count()
-        self.turning: set[str] = set()  # sessions whose turn ended at the last step
-        self.step_s = 0.0  # how long the last step took
+        # the engine core's outputs as its process sends them (vLLM's multiprocess client); None: the core
+        # runs in this process, inside engine.step()
+        self.outputs: queue.Queue | None = getattr(engine.engine_core, "outputs_queue", None)
         self.tasks = engine.get_supported_tasks()
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
@@ -479,32 +485,29 @@ class _Stepper:
                 while item is not None:
                     self._add(item)
                     item = self._poll()
-                self._await_turnaround()
-                if self.waiting:
-                    t0 = time.perf_counter()
+                if self.waiting and self._await_outputs():
                     for out in self.engine.step():
                         self._take(out)
-                    self.step_s = time.perf_counter() - t0
             except Exception as e:  # the engine failed: every waiting request sees the error
                 for fut, loop, _ in self.waiting.values():
                     loop.call_soon_threadsafe(_resolve, fut, None, e)
                 self.waiting.clear()
 
-    def _await_turnaround(self) -> None:
-        """A session whose turn just ended keeps its place in the batch, idle until its chain sends the
-        next turn (read the reply, run the call): wait for those turns, a tenth of a step at most, so they
-        join the next step rather than the one after."""
-        deadline = time.perf_counter() + self.step_s * TURNAROUND_WAIT
-        while self.turning and (left := deadline - time.perf_counter()) > 0:
+    def _await_outputs(self) -> bool:
+        """Wait until the engine core's next outputs are in (so ``engine.step()`` will not block), adding
+        the requests that come meanwhile. False: the sampler stopped this thread."""
+        if self.outputs is None:
+            return True
+        while self.outputs.empty():
             try:
-                item = self.inbox.get(timeout=left)
+                item = self.inbox.get(timeout=OUTPUT_POLL_S)
             except queue.Empty:
-                break
+                continue
             if item is None:
                 self.stopping = True
-                break
+                return False
             self._add(item)
-        self.turning.clear()
+        return True
 
     def _add(self, item: tuple) -> None:
         kind = item[0]
@@ -516,7 +519,6 @@ class _Stepper:
             return
         from vllm.inputs import TokensPrompt
 
-        self.turning.discard(item[1])
         if kind == "end":  # a request that is not resumable ends the session
             rid, ids, params, lora, resumable = item[1], [0], self._end_params, None, False
         else:
@@ -545,7 +547,6 @@ class _Stepper:
         tokens.extend(c.token_ids)
         if c.finish_reason is not None:
             del self.waiting[out.request_id]
-            self.turning.add(out.request_id)
             loop.call_soon_threadsafe(_resolve, fut, (tokens, c.finish_reason), None)
 
     def _poll(self) -> Any:
