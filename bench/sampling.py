@@ -316,7 +316,7 @@ def main() -> None:
     be = VLLMBackend("gemma-3-270m", **kw)  # sessions: the default
     sess_places = be.max_in_flight
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
-    sess, _, sess_trace, _, (sess_steady_tps, sess_steady_share) = sampler_run(be)
+    sess, _, sess_trace, sess_client_cpu, (sess_steady_tps, sess_steady_share) = sampler_run(be)
     sess_raw_tokens, sess_raw_s, sess_raw_trace, _, sess_raw_runs = raw_run(be, sess)
     turns_tps, turns_runs = raw_turns(be, sess_trace)
     be.close()
@@ -379,7 +379,8 @@ def main() -> None:
                 "steps_at_batch": sess_trace.share_at(args.window),
                 # CPU seconds per second of this (the client's) process, beside the engine's process on the
                 # same cores: tokenizing, the agent's Python, the functions (z3)
-                "agent_client_cpu_share": round(agent_client_cpu, 3),
+                "agent_client_cpu_share": round(sess_client_cpu, 3),
+                "request_per_turn_client_cpu_share": round(agent_client_cpu, 3),
                 "raw_client_cpu_share": round(raw_client_cpu, 3),
                 "mean_steps": round(sum(r.n_steps + r.n_failed for r in recs) / len(recs), 2),
                 "engine_start_s": round(start_s, 1),

@@ -177,3 +177,56 @@ def test_a_session_resumes_its_request_with_only_the_new_tokens(vllm_backend):
     # the same greedy turn as a request of its own writes the same reply
     [alone] = vllm_backend.generate(["Problem: What is 2+3?\n>>>"], [greedy])
     assert alone.text == g3.text
+
+
+def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_whole_prompt():
+    """A session's turn tokenizes its prompt from the start of the last prompt's last line (or from the
+    shared head of instructions, functions and demonstrations), not the whole prompt, and gets the same
+    tokens: gemma-3's tokens never hold a line break and another character. No engine needed."""
+    from transformers import AutoTokenizer
+
+    from fcdpo.backends.vllm_backend import _LineTokens
+    from fcdpo.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_model("gemma-3-270m").path))
+    newline_ids = [i for i in range(len(tok)) if "\n" in tok.decode([i])]
+    problems = ProblemSet.concat(
+        "m", [load_source("fol", n=3, seed=9, difficulty="easy"), load_source("arith", n=3, seed=9, steps=1)]
+    )
+    prompt, rest = with_demonstrations(PromptSpec(), problems, 1, LIMITS.model_copy(update={"max_steps": 64}))
+    agent = Agent(prompt, LIMITS, model_id="m")
+    turns = [
+        ('Reasoning("Tom has 3 apples, so 3 + 4 = 7.")', "The reasoning has been recorded."),
+        ("Add(3, 4)", "7"),
+        ("Add(3,  4) # 'café' – ünïcode ✓", "Error: a\n\nmulti-line\n result\n"),
+        ('Answer("7")', "The answer '7' has been recorded."),
+    ]
+
+    def run(lines, tokenizer):
+        for p in rest:
+            text, cut = agent.prompts([agent.new_chain(p)])[0], None
+            for reply, result in turns:
+                ids, cut = lines(text, cut)
+                assert ids == tokenizer.encode(text)
+                text += f" {reply}\n{result}\n>>>"
+
+    lines = _LineTokens(tok, newline_ids)
+    lines.checks = 0  # no whole-prompt checks: the pieces alone must add up
+    run(lines, tok)
+    assert lines.on and len(lines.heads) == 2  # one shared head per toolset
+
+    class SpaceFirst:
+        """A tokenizer that puts a space before the text it is given, as some SentencePiece ones do (a fake:
+        the test is about what _LineTokens does when pieces do not add up to the whole)."""
+
+        def decode(self, ids):
+            return tok.decode(ids)
+
+        def encode(self, text, add_special_tokens=True):
+            ids = tok.encode(text, add_special_tokens=add_special_tokens)
+            return ids if add_special_tokens else tok.encode(" ", add_special_tokens=False) + ids
+
+    fake = SpaceFirst()
+    lines = _LineTokens(fake, newline_ids)
+    run(lines, fake)
+    assert not lines.on  # the first check found the difference: whole prompts from then on

@@ -67,8 +67,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# how often the engine's thread looks for the engine core's next outputs while it waits for requests
-OUTPUT_POLL_S = 0.002
+# the longest the engine's thread sleeps before it looks at the engine core's outputs again (it is woken
+# as they come; this is a fallback)
+OUTPUT_WAIT_S = 0.05
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the offline engine (CPU and smaller GPUs)
 DEFAULT_SESSIONS = True  # a chain's turns are one resumable request (``backend_options: {sessions: ...}``)
 
@@ -210,6 +211,7 @@ class VLLMBackend(Backend):
         self._stop_ids: dict[tuple[str, ...], list[int]] = {}
         self._stop_lock = threading.Lock()
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._lines: _LineTokens | None = None
         # sessions need vLLM's resumable requests (its streaming input)
         processor = getattr(self.llm.llm_engine, "input_processor", None)
         self.sessions = (
@@ -240,13 +242,14 @@ class VLLMBackend(Backend):
     @staticmethod
     def _vsp(p: SamplingParams, stop_ids: list[int] | None = None) -> Any:
         """vLLM's sampling parameters; ``stop_ids`` (a session's turn): stop at those tokens instead of the
-        stop strings, and return the tokens as they come."""
+        stop strings, and return the tokens as they come, not their text (the session decodes its turn
+        once, not vLLM token by token)."""
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
         stop: dict[str, Any] = {"stop": list(p.stop)}
         if stop_ids is not None:
-            stop = {"stop_token_ids": stop_ids, "output_kind": RequestOutputKind.DELTA}
+            stop = {"stop_token_ids": stop_ids, "output_kind": RequestOutputKind.DELTA, "detokenize": False}
         return VSP(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, seed=p.seed, **stop)
 
     @staticmethod
@@ -316,6 +319,13 @@ class VLLMBackend(Backend):
             return self._stop_ids.get(stop)
         return await asyncio.to_thread(self.stop_token_ids, stop)
 
+    async def line_tokens(self) -> _LineTokens:
+        """The tokenizer of sessions' prompts (:class:`_LineTokens`), made the first time."""
+        if self._lines is None:
+            newline_ids = await self.astop_token_ids(("\n",))
+            self._lines = self._lines or _LineTokens(self.tokenizer, newline_ids or [])
+        return self._lines
+
     async def release(self) -> None:
         """Wait until the engine's thread has taken every request and session end sent to it (a chain's
         session ends as it closes), so that a :meth:`generate` after the sampler never races it."""
@@ -350,6 +360,74 @@ class VLLMBackend(Backend):
         gc.collect()
 
 
+Cut = tuple[str, list[int]]  # a prompt's text up to the start of one of its lines, and its token ids
+
+
+def _line_start(text: str, pos: int) -> int | None:
+    """``pos``, moved past line breaks: a cut at the start of a line (None: no line starts there)."""
+    while pos < len(text) and text[pos] == "\n":
+        pos += 1
+    return pos if 0 < pos < len(text) and text[pos - 1] == "\n" else None
+
+
+class _LineTokens:
+    """Tokenizes a session's prompts from a cut at the start of a line, not from the start: a turn's
+    prompt is the last one plus a few lines, and tokenizing the whole of it (1 ms for 1,000 tokens here)
+    each turn used the frontend's CPU, which on a 2-core machine is the engine's CPU too (a process using
+    7% of a core beside a raw ``generate`` slowed it 11%: 339.5 to 303.4 tokens/s, three runs each). In
+    a sampler run shaped as ``bench/sampling.py``'s, the client process used 4.9% of a core tokenizing
+    whole prompts and 2.8% this way (its threads' CPU time over 30 s); tokens/s did not move beyond this
+    machine's noise (325.6-340.6 against 317.0-341.3 in alternating runs). On a GPU, with many more turns
+    a second, whole prompts would cost a core of their own.
+
+    Exact where no token holds a line break and another character (gemma-3: its 32 tokens that hold a line
+    break are runs of line breaks): then no token crosses the start of a line, and the text before it and
+    the text from it tokenize apart to the tokens they have together. A tokenizer with such tokens gets
+    the whole prompt tokenized; so does one where the first ``CHECKS`` prompts, tokenized both ways, differ
+    (e.g. one that puts a space before the text it is given)."""
+
+    CHECKS = 16
+
+    def __init__(self, tokenizer: Any, newline_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.on = all(set(tokenizer.decode([i])) <= {"\n"} for i in newline_ids)
+        self.checks = self.CHECKS
+        # prompt heads shared by many chains (the instructions, functions and demonstrations, up to their
+        # last blank line) and their tokens
+        self.heads: dict[str, list[int]] = {}
+
+    def _piece(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def __call__(self, text: str, cut: Cut | None) -> tuple[list[int], Cut | None]:
+        """``text``'s tokens (as vLLM tokenizes a text prompt), from ``cut`` (an earlier prompt's) or a
+        shared head where the text begins with it, and the cut at the start of the text's last line."""
+        if not self.on:
+            return self.tokenizer.encode(text), None
+        if cut is None or not text.startswith(cut[0]):
+            cut = next(((h, ids) for h, ids in self.heads.items() if text.startswith(h)), None)
+        if cut is None:
+            ids = self.tokenizer.encode(text)
+            if (pos := _line_start(text, text.rfind("\n\n") + 2)) is not None:
+                if len(self.heads) >= 16:
+                    self.heads.clear()
+                self.heads[text[:pos]] = ids[: len(ids) - len(self._piece(text[pos:]))]
+        else:
+            ids = cut[1] + self._piece(text[len(cut[0]) :])
+            if self.checks > 0:
+                self.checks -= 1
+                if (whole := self.tokenizer.encode(text)) != ids:
+                    self.on = False
+                    log.warning(
+                        "the tokenizer does not split at line starts: sessions tokenize whole prompts"
+                    )
+                    return whole, None
+        pos = _line_start(text, text.rfind("\n") + 1)
+        if pos is None or (cut is not None and pos <= len(cut[0])):
+            return ids, cut
+        return ids, (text[:pos], ids[: len(ids) - len(self._piece(text[pos:]))])
+
+
 class _EngineSession(Session):
     """A chain's turns as one resumable vLLM request (vLLM's streaming input): between turns the engine
     keeps the request, its KV blocks and its place, and the next turn adds only its new tokens (the last
@@ -371,6 +449,7 @@ class _EngineSession(Session):
         self.vllm = backend
         self.rid: str | None = None
         self.held: list[int] = []  # the tokens the engine holds for this chain
+        self.cut: Cut | None = None  # where the next turn's prompt is tokenized from (_LineTokens)
         self.slots: asyncio.Semaphore | None = None
 
     async def start(self) -> None:
@@ -387,7 +466,7 @@ class _EngineSession(Session):
         if stop_ids is None:  # a request per turn: no session place needed
             self.close()
             return await be.agenerate(prompt, params)
-        ids = be.tokenizer.encode(be._text(prompt))  # as vLLM tokenizes a text prompt
+        ids, self.cut = (await be.line_tokens())(be._text(prompt), self.cut)  # as vLLM tokenizes it
         budget = be.max_model_len - params.max_tokens
         if len(ids) > budget:
             self._end()
@@ -445,9 +524,20 @@ class _Stepper:
         # request id -> (future, its loop, the tokens of a session's turn so far; None: a request of its own)
         self.waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop, list[int] | None]] = {}
         self.ids = itertools.count()
+        self.wake = threading.Event()  # set when a request comes and when the engine core's outputs come
         # the engine core's outputs as its process sends them (vLLM's multiprocess client); None: the core
         # runs in this process, inside engine.step()
         self.outputs: queue.Queue | None = getattr(engine.engine_core, "outputs_queue", None)
+        if self.outputs is not None:
+            # vLLM's output thread puts each step's outputs with put_nowait: wake this thread then (polling
+            # the queue every 2 ms took CPU from the engine's own threads on the same cores)
+            put, wake = self.outputs.put_nowait, self.wake
+
+            def put_and_wake(item: Any) -> None:
+                put(item)
+                wake.set()
+
+            self.outputs.put_nowait = put_and_wake  # type: ignore[method-assign]
         self.tasks = engine.get_supported_tasks()
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
@@ -471,43 +561,33 @@ class _Stepper:
         if item[0] != "end":
             item = (*item, asyncio.get_running_loop())
         self.inbox.put(item)
+        self.wake.set()
 
     def stop(self) -> None:
         self.stopping = True
-        self.inbox.put(None)
+        self.wake.set()
         self.thread.join(timeout=30)
+        if self.outputs is not None:
+            self.outputs.__dict__.pop("put_nowait", None)  # the queue's own method again
 
     def _run(self) -> None:
         while not self.stopping:
             try:
-                # wait for work only when the engine has none
-                item = self.inbox.get() if not self.waiting else self._poll()
-                while item is not None:
+                while (item := self._poll()) is not None:
                     self._add(item)
-                    item = self._poll()
-                if self.waiting and self._await_outputs():
+                if not self.waiting:  # the engine has no work: sleep until a request comes
+                    self.wake.wait()
+                    self.wake.clear()
+                elif self.outputs is None or not self.outputs.empty():  # engine.step() will not block
                     for out in self.engine.step():
                         self._take(out)
+                else:  # the core is running a step: sleep until its outputs or a request come
+                    self.wake.wait(OUTPUT_WAIT_S)
+                    self.wake.clear()
             except Exception as e:  # the engine failed: every waiting request sees the error
                 for fut, loop, _ in self.waiting.values():
                     loop.call_soon_threadsafe(_resolve, fut, None, e)
                 self.waiting.clear()
-
-    def _await_outputs(self) -> bool:
-        """Wait until the engine core's next outputs are in (so ``engine.step()`` will not block), adding
-        the requests that come meanwhile. False: the sampler stopped this thread."""
-        if self.outputs is None:
-            return True
-        while self.outputs.empty():
-            try:
-                item = self.inbox.get(timeout=OUTPUT_POLL_S)
-            except queue.Empty:
-                continue
-            if item is None:
-                self.stopping = True
-                return False
-            self._add(item)
-        return True
 
     def _add(self, item: tuple) -> None:
         kind = item[0]
