@@ -388,6 +388,7 @@ class _LineTokens:
     (e.g. one that puts a space before the text it is given)."""
 
     CHECKS = 16
+    HEADS = 16  # shared heads kept (one per toolset and prompt spec in a run)
 
     def __init__(self, tokenizer: Any, newline_ids: Sequence[int]):
         self.tokenizer = tokenizer
@@ -410,7 +411,7 @@ class _LineTokens:
         if cut is None:
             ids = self.tokenizer.encode(text)
             if (pos := _line_start(text, text.rfind("\n\n") + 2)) is not None:
-                if len(self.heads) >= 16:
+                if len(self.heads) >= self.HEADS:
                     self.heads.clear()
                 self.heads[text[:pos]] = ids[: len(ids) - len(self._piece(text[pos:]))]
         else:
