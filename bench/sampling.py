@@ -222,12 +222,16 @@ def main() -> None:
         for i in range(args.samples)
     ]
 
+    def median_run(runs, tps):
+        """The median run by tokens/s (``tps(run)``), and every run's tokens/s in order."""
+        runs = sorted(runs, key=tps)
+        return runs[len(runs) // 2], [round(tps(r), 1) for r in runs]
+
     def raw_run(be, res):
         """The median of ``--raw-repeats`` raw runs by tokens/s (one lasts seconds; this machine's speed
         moves between them), and every run's tokens/s."""
-        runs = [raw_once(be, res) for _ in range(args.raw_repeats)]
-        runs.sort(key=lambda r: r[0] / r[1])
-        return (*runs[len(runs) // 2], [round(t / s, 1) for t, s, *_ in runs])
+        run, every = median_run([raw_once(be, res) for _ in range(args.raw_repeats)], lambda r: r[0] / r[1])
+        return (*run, every)
 
     def raw_once(be, res):
         per = max(1, round(res.completion_tokens / res.sampled))
@@ -263,7 +267,7 @@ def main() -> None:
             t0 = time.perf_counter()
             outs = be.llm.generate(prompts, params, use_tqdm=False)
             runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
-        return sorted(runs)[len(runs) // 2], [round(r, 1) for r in sorted(runs)]
+        return median_run(runs, lambda r: r)
 
     # the sampler with a request per turn
     res, recs, trace, agent_client_cpu, (steady_tps, steady_share) = sampler_run(be)
