@@ -463,6 +463,27 @@ def ref_cache_key(pairs_digest: str, model_hash: str, student: PromptSpec, tok, 
     )
 
 
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    """The last complete ``checkpoint-N`` folder in ``checkpoints`` (None: none). The Trainer writes a
+    checkpoint's ``trainer_state.json`` after its weights, optimizer and RNG state, so a folder without a
+    readable one was cut by a kill while being written (transformers' ``get_last_checkpoint`` took it, and
+    the resume failed: "Can't find a valid checkpoint")."""
+
+    def complete(d: Path) -> bool:
+        try:
+            json.loads((d / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return True
+
+    found = [
+        (int(d.name.split("-", 1)[1]), d)
+        for d in checkpoints.glob("checkpoint-*")
+        if d.name.split("-", 1)[1].isdigit() and d.is_dir()
+    ]
+    return next((d for _, d in sorted(found, reverse=True) if complete(d)), None)
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """Keep the logged metrics up to the checkpoint we resume from (none on a fresh start)."""
     if path.exists():
@@ -495,7 +516,6 @@ def train_dpo(
     import pyarrow.parquet as pq
     from peft import LoraConfig, PeftModel
     from transformers import TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     cfg = cfg or TrainingConfig()
     out_dir = Path(out_dir)
@@ -581,9 +601,9 @@ def train_dpo(
             callbacks=[Emit()],
             ref_cache=cache_root / f"{key}.npz" if cfg.precompute_ref else None,
         )
-    last = get_last_checkpoint(str(out_dir / "checkpoints")) if (out_dir / "checkpoints").exists() else None
-    _trim_metrics(out_dir / "metrics.jsonl", int(last.rsplit("-", 1)[1]) if last else 0)
-    trainer.train(resume_from_checkpoint=last)
+    last = last_checkpoint(out_dir / "checkpoints")
+    _trim_metrics(out_dir / "metrics.jsonl", int(last.name.split("-", 1)[1]) if last else 0)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
 
     adapter = out_dir / "adapter"
     tmp = out_dir / ".adapter.tmp"

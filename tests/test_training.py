@@ -19,7 +19,7 @@ from fcdpo.agent import Agent, PromptBuilder, PromptSpec, resolve_format
 from fcdpo.backends.base import Generation
 from fcdpo.pairs import decode_turns
 from fcdpo.toolsets import TOOLSETS
-from fcdpo.training import TrainingConfig, tokenize_pair, train_dpo
+from fcdpo.training import TrainingConfig, last_checkpoint, tokenize_pair, train_dpo
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSCRIPT = resolve_format(PromptSpec(), chat=False)
@@ -261,3 +261,19 @@ def test_default_model_trains_resumes_after_a_kill_and_evaluates_through_vllm(tm
     assert last["model"].startswith("merged-") and last["per_task"]["all"]["n"] == 6
     assert set(last["per_task"]) == {"fol", "arith", "all"}
     assert 0.0 <= last["per_task"]["all"]["accuracy"] <= 1.0
+
+
+def test_resume_skips_a_checkpoint_a_kill_cut_while_it_was_written(tmp_path):
+    """A kill while the Trainer writes checkpoint-N leaves a folder without (or with a torn)
+    ``trainer_state.json``, which the Trainer writes last: the resume takes the last complete one (a CI run
+    failed "Can't find a valid checkpoint" when a kill cut checkpoint-2)."""
+    ck = tmp_path / "checkpoints"
+    assert last_checkpoint(ck) is None  # no folder yet
+    for n, state in [(1, '{"global_step": 1}'), (2, '{"global_step": 2}'), (10, None), (11, '{"global_st')]:
+        d = ck / f"checkpoint-{n}"
+        d.mkdir(parents=True)
+        (d / "adapter_model.safetensors").write_bytes(b"w")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    (ck / "checkpoint-x").mkdir()  # not a step number
+    assert last_checkpoint(ck) == ck / "checkpoint-2"  # not 11 (torn state), 10 (no state) or 1
