@@ -230,3 +230,81 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
     lines = _LineTokens(fake, newline_ids)
     run(lines, fake)
     assert not lines.on  # the first check found the difference: whole prompts from then on
+
+
+def _random_adapter(base_dir, out, lora):
+    """A real LoRA adapter of the run config's shape (rank, alpha, modules), its B small but not zero: an
+    untrained adapter would not change a single token."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base_dir)),
+        LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules, init_lora_weights=False
+        ),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.02)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_a_run_configs_student_engine_serves_a_lora_adapter_through_sessions_as_its_merged_copy(tmp_path):
+    """The student's evaluation engine built from configs/default.yaml (sessions on, its default) with
+    ``evaluation.adapter_mode: lora``: each chain's turns are one resumable request through vLLM's LoRA
+    support. Its greedy chains are those of the adapter merged into the base weights, turn for turn, and a
+    request per turn on the same engine gives them too; the base model (no adapter selected) gives others."""
+    from pathlib import Path
+
+    from fcdpo import stages
+    from fcdpo.backends import EngineSpec
+    from fcdpo.config import load_config
+    from fcdpo.models import merge_adapter, resolve_model
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(
+        root / "configs" / "default.yaml",
+        [
+            "evaluation.adapter_mode=lora",
+            # float32: bf16 batches are not invariant; 0.14: a freshly started machine's share
+            "student.backend_options={dtype: float32, gpu_memory_utilization: 0.14}",
+        ],
+    )
+    split = stages.load_problems(cfg.problems)
+    test = [p for task in ("fol", "arith") for p in [q for q in split.test if q.task == task][:4]]
+    assert len(test) == 8
+    ev = stages.EvalJob.of(cfg)
+    base = resolve_model(cfg.student.model)
+    adapter = _random_adapter(base.path, tmp_path / "adapter", cfg.student.training.lora)
+
+    spec = ev.engine(adapter)
+    assert spec.adapter == str(adapter) and spec.options["enable_lora"] is True
+    with spec.open(test, ev.workload(test)) as backend:
+        assert backend.sessions is True  # the run config's engine: sessions, the default
+        lora = stages.evaluate_student(test, ev, backend, tmp_path / "lora")
+        backend.sessions = False
+        per_turn = stages.evaluate_student(test, ev, backend, tmp_path / "per-turn")
+        backend.sessions = True
+        backend.use_adapter(None)
+        plain = stages.evaluate_student(test, ev, backend, tmp_path / "base")
+    merged_spec = EngineSpec(
+        spec.backend,
+        str(merge_adapter(base, adapter, tmp_path / "cache").path),  # adapter_mode: merged, cached here
+        {k: v for k, v in spec.options.items() if "lora" not in k},
+        spec.setting,
+    )
+    with merged_spec.open(test, ev.workload(test)) as backend:
+        merged = stages.evaluate_student(test, ev, backend, tmp_path / "merged")
+
+    def turns(result):
+        return {r.problem_id: [m.content for m in r.messages if m.role == "assistant"] for r in result.greedy}
+
+    assert set(turns(lora)) == {p.id for p in test}
+    assert turns(lora) == turns(merged) == turns(per_turn)
+    differ = sum(turns(lora)[p.id] != turns(plain)[p.id] for p in test)
+    assert differ >= 2, f"the adapter changed {differ} of 8 chains"
