@@ -167,6 +167,10 @@ def main() -> None:
     ap.add_argument(
         "--raw-repeats", type=int, default=3, help="raw runs after each sampler run (the median counts)"
     )
+    ap.add_argument(
+        "--turn-wait", type=float, default=None,
+        help="the sessions engine's turn_wait (default: the backend's; 0: steps do not wait for paused sessions)",
+    )  # fmt: skip
     args = ap.parse_args()
 
     from vllm import SamplingParams as VSP
@@ -317,10 +321,15 @@ def main() -> None:
 
     # each chain one vLLM session, on an engine of its own: it has a quarter more places than the batch,
     # for the sessions paused between turns (fcdpo.backends.vllm_backend.engine_plan)
-    be = VLLMBackend("gemma-3-270m", **kw)  # sessions: the default
+    turn_kw = {} if args.turn_wait is None else {"turn_wait": args.turn_wait}
+    be = VLLMBackend("gemma-3-270m", **kw, **turn_kw)  # sessions: the default
     sess_places = be.max_in_flight
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
+    zero = {"paused": 0, "back_in_time": 0, "waited_s": 0.0}
+    turns0 = be.turn_stats() or zero
     sess, _, sess_trace, sess_client_cpu, (sess_steady_tps, sess_steady_share) = sampler_run(be)
+    turns1 = be.turn_stats() or zero
+    turned = {k: turns1[k] - turns0[k] for k in zero}
     sess_raw_tokens, sess_raw_s, sess_raw_trace, _, sess_raw_runs = raw_run(be, sess)
     turns_tps, turns_runs = raw_turns(be, sess_trace)
     be.close()
@@ -380,6 +389,10 @@ def main() -> None:
                 "sessions_in_a_turn": sess_trace.mean_running(),
                 "request_per_turn_in_engine": trace.mean_running(),
                 "prefill_tokens_per_request": sess_trace.per_request(1),
+                # sessions paused by a step that were back in time for the next one (a step waits for them:
+                # fcdpo.backends.vllm_turns), and the share of the run's time steps waited
+                "sessions_back_in_time_share": round(turned["back_in_time"] / max(1, turned["paused"]), 3),
+                "turn_wait_share_of_run": round(turned["waited_s"] / sess.seconds, 4),
                 "steps_at_batch": sess_trace.share_at(args.window),
                 # CPU seconds per second of this (the client's) process, beside the engine's process on the
                 # same cores: tokenizing, the agent's Python, the functions (z3)

@@ -73,6 +73,9 @@ def _first_line(e: BaseException) -> str:
 OUTPUT_WAIT_S = 0.05
 DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the offline engine (CPU and smaller GPUs)
 DEFAULT_SESSIONS = True  # a chain's turns are one resumable request (``backend_options: {sessions: ...}``)
+# on CPU, how long a step may wait for the sessions the last one paused, in units of what waiting costs the
+# requests running against what it saves the paused ones (``backend_options: {turn_wait: ...}``; 0: off)
+TURN_WAIT = 1.0
 
 
 def default_utilization(gpu: bool) -> float:
@@ -149,7 +152,9 @@ def _default_dtype(gpu: bool) -> str:
 
 class VLLMBackend(Backend):
     """``options``: :class:`EngineOptions` fields, ``sessions`` (default True: a chain's turns are one
-    resumable request, see :class:`_EngineSession`; False: a request per turn), ``enforce_eager`` (default:
+    resumable request, see :class:`_EngineSession`; False: a request per turn), ``turn_wait`` (on CPU: a step
+    waits for the sessions the last one paused, see :mod:`fcdpo.backends.vllm_turns`; 0: it does not),
+    ``enforce_eager`` (default:
     on CPU), ``enable_lora``, ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword.
     ``workload``: the sequences the caller keeps in flight and the tokens each can reach. ``setting``: where
     a user changes these options (named in errors, e.g. ``teacher.backend_options``)."""
@@ -166,6 +171,7 @@ class VLLMBackend(Backend):
         gpu = on_gpu()
         o, engine_kwargs = EngineOptions.split(options)
         self.sessions = bool(engine_kwargs.pop("sessions", DEFAULT_SESSIONS))
+        turn_wait = float(engine_kwargs.pop("turn_wait", TURN_WAIT))
         self.memory = engine_plan(model, options, workload, setting)
         log.info("vLLM %s: %s", resolved.name, self.memory.describe())
         if not gpu or o.kv_cache_gib is not None:
@@ -184,6 +190,11 @@ class VLLMBackend(Backend):
             # the CPU default KV block is 128 tokens, so each step re-prefilled up to 127 uncached tokens per
             # chain; 32 (the CPU backend's preferred multiple) raised agent tokens/s 45 -> 57 in bench/sampling.py
             engine_kwargs.setdefault("block_size", 32)
+            # a step waits for the sessions the last one paused (fcdpo.backends.vllm_turns)
+            if turn_wait > 0:
+                engine_kwargs.setdefault("scheduler_cls", "fcdpo.backends.vllm_turns.TurnScheduler")
+                extra = dict(engine_kwargs.get("additional_config") or {})
+                engine_kwargs["additional_config"] = {**extra, "fcdpo_turn_wait": turn_wait}
         from vllm import LLM
 
         self.resolved = resolved
@@ -332,6 +343,18 @@ class VLLMBackend(Backend):
         session ends as it closes), so that a :meth:`generate` after the sampler never races it."""
         while self._stepper is not None and self._stepper.busy:
             await asyncio.sleep(0.005)
+
+    def turn_stats(self) -> dict[str, float] | None:
+        """Of the engine core's :class:`~fcdpo.backends.vllm_turns.TurnScheduler`: sessions paused by a step so
+        far (``paused``), how many were back in time for the next step (``back_in_time``), seconds its steps
+        waited (``waited_s``); None where it does not run (or has not met a paused session yet)."""
+        core = self.llm.llm_engine.engine_core
+        if not hasattr(core, "call_utility"):
+            return None
+        try:
+            return core.call_utility("fcdpo_turn_stats")
+        except Exception:  # no such scheduler in this engine core
+            return None
 
     def _session_slots(self) -> asyncio.Semaphore:
         """At most ``max_in_flight`` sessions at once (on this event loop): vLLM counts a paused session in
