@@ -12,7 +12,9 @@ tokens). On a CPU, where the engine is compute-bound and every prefilled token c
 ``bench/sampling.py`` measured 28 prompt tokens computed per request with a request per turn against 19
 with sessions; tokens/s moved too much from run to run here to settle a gain (137.7-196.8 with sessions,
 129.2-156.7 with a request per turn; on a faster machine, with turns added as they come (:class:`_Stepper`),
-283.9 and 283.4 against 241.5 and 289.5: the README's sampling section).
+283.9 and 283.4 against 241.5 and 289.5: the README's sampling section). On CPU the engine core runs
+:class:`fcdpo.backends.vllm_turns.TurnScheduler`: a step waits, briefly, for the next turns of the sessions
+the last step paused, which otherwise idled a whole step per turn (``turn_wait``).
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
 guard.
