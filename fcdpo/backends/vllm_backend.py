@@ -156,8 +156,8 @@ class VLLMBackend(Backend):
     """``options``: :class:`EngineOptions` fields, ``sessions`` (default True: a chain's turns are one
     resumable request, see :class:`_EngineSession`; False: a request per turn), ``turn_wait`` (on CPU: a step
     waits for the sessions the last one paused, see :mod:`fcdpo.backends.vllm_turns`; 0: it does not),
-    ``enforce_eager`` (default:
-    on CPU), ``enable_lora``, ``max_lora_rank``, ``seed``, and any other ``vllm.LLM`` keyword.
+    ``enforce_eager`` (default: on CPU), ``enable_lora``, ``max_lora_rank``, ``seed``, and any other
+    ``vllm.LLM`` keyword.
     ``workload``: the sequences the caller keeps in flight and the tokens each can reach. ``setting``: where
     a user changes these options (named in errors, e.g. ``teacher.backend_options``)."""
 
@@ -349,7 +349,7 @@ class VLLMBackend(Backend):
     def turn_stats(self) -> dict[str, float] | None:
         """Of the engine core's :class:`~fcdpo.backends.vllm_turns.TurnScheduler`: sessions paused by a step so
         far (``paused``), how many were back in time for the next step (``back_in_time``), seconds its steps
-        waited (``waited_s``); None where it does not run (or has not met a paused session yet)."""
+        waited (``waited_s``); None where it does not run."""
         core = self.llm.llm_engine.engine_core
         if not hasattr(core, "call_utility"):
             return None

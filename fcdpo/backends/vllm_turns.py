@@ -12,8 +12,8 @@ sessions being waited for (each would lose a whole step): ``turn_wait`` x the la
 paused / (running + paused). ``turn_wait`` 0 turns waiting off.
 
 This class runs inside vLLM's engine core process (``scheduler_cls``, set by
-:class:`fcdpo.backends.vllm_backend.VLLMBackend` for a sessions engine on CPU, where vLLM schedules
-synchronously). The next turns reach the core through its input queue, which the scheduler does not own:
+:class:`fcdpo.backends.vllm_backend.VLLMBackend` for its engines on CPU, where vLLM schedules
+synchronously; an engine without sessions never waits). The next turns reach the core through its input queue, which the scheduler does not own:
 it finds the engine core as the caller of :meth:`schedule` and takes requests from its queue the way the
 core's own loop does (``_handle_client_request``). Where that is not there (an engine core in this
 process, another vLLM), it does not wait.
