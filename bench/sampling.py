@@ -325,11 +325,10 @@ def main() -> None:
     be = VLLMBackend("gemma-3-270m", **kw, **turn_kw)  # sessions: the default
     sess_places = be.max_in_flight
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
-    zero = {"paused": 0, "back_in_time": 0, "waited_s": 0.0}
-    turns0 = be.turn_stats() or zero
+    turns0 = be.turn_stats()  # None: no TurnScheduler (--turn-wait 0)
     sess, _, sess_trace, sess_client_cpu, (sess_steady_tps, sess_steady_share) = sampler_run(be)
-    turns1 = be.turn_stats() or zero
-    turned = {k: turns1[k] - turns0[k] for k in zero}
+    turns1 = be.turn_stats()
+    turned = {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None
     sess_raw_tokens, sess_raw_s, sess_raw_trace, _, sess_raw_runs = raw_run(be, sess)
     turns_tps, turns_runs = raw_turns(be, sess_trace)
     be.close()
@@ -391,8 +390,9 @@ def main() -> None:
                 "prefill_tokens_per_request": sess_trace.per_request(1),
                 # sessions paused by a step that were back in time for the next one (a step waits for them:
                 # fcdpo.backends.vllm_turns), and the share of the run's time steps waited
-                "sessions_back_in_time_share": round(turned["back_in_time"] / max(1, turned["paused"]), 3),
-                "turn_wait_share_of_run": round(turned["waited_s"] / sess.seconds, 4),
+                "sessions_back_in_time_share": turned
+                and round(turned["back_in_time"] / max(1, turned["paused"]), 3),
+                "turn_wait_share_of_run": turned and round(turned["waited_s"] / sess.seconds, 4),
                 "steps_at_batch": sess_trace.share_at(args.window),
                 # CPU seconds per second of this (the client's) process, beside the engine's process on the
                 # same cores: tokenizing, the agent's Python, the functions (z3)
