@@ -102,6 +102,30 @@ def gsm8k_style_file(path):
     return path
 
 
+def random_lora_adapter(
+    base_dir, out, seed=0, r=2, alpha=8, target_modules=("q_proj", "v_proj"), b_scale=1.0
+):
+    """A real LoRA adapter on ``base_dir`` saved to ``out``: untrained, B randomly initialised (an adapter as
+    PEFT makes it, B zero, would not change a single token), B scaled by ``b_scale``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base_dir)),
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+    )
+    if b_scale != 1.0:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(b_scale)
+    model.save_pretrained(str(out))
+    return out
+
+
 def build_tiny_model(root, chat_template: str | None = None):
     """A tiny random Llama with a byte-level BPE tokenizer trained in the test (no hub, a few seconds)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -4,22 +4,9 @@ import fcntl
 import os
 import time
 
+from conftest import random_lora_adapter
+
 from fcdpo.models import LAST_USED, merge_adapter, prune_merged, resolve_model
-
-
-def _adapter(base_dir, out, seed):
-    """A real (untrained, randomly initialised B) LoRA adapter for the tiny model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base_dir)),
-        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    model.save_pretrained(str(out))
-    return out
 
 
 def _age(d, seconds):
@@ -30,7 +17,7 @@ def _age(d, seconds):
 def test_merged_copies_are_reused_and_pruned_least_recently_used_first(tmp_path, tiny_model):
     base = resolve_model(str(tiny_model))
     root = tmp_path / "cache"
-    adapters = [_adapter(tiny_model, tmp_path / f"run{i}" / "adapter", seed=i) for i in range(4)]
+    adapters = [random_lora_adapter(tiny_model, tmp_path / f"run{i}" / "adapter", seed=i) for i in range(4)]
     merged = [merge_adapter(base, a, dest_root=root) for a in adapters]
     assert len({m.path for m in merged}) == 4
     assert all((m.path / "config.json").exists() and (m.path / LAST_USED).exists() for m in merged)

