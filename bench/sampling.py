@@ -11,7 +11,9 @@ through it (four windows' worth by default): a sampling run has many more chains
   by tokens/s of one raw ``llm.generate`` call on that engine's full batch (as many of the same initial
   prompts, each made to generate the chains' mean number of tokens: no stop strings, fixed length): what
   the engine can do, measured right after the sampler's run (this machine's speed drifts over minutes;
-  the median of ``--raw-repeats`` raw runs). Target >= 0.85. request_per_turn_vs_raw_tokens_ratio: the
+  the median of ``--raw-repeats`` raw runs). The sessions engine runs ``--rounds`` such pairs (the same
+  chains and seeds each time); the median round's ratio counts, and every round's is reported with the
+  share of CPU time the hypervisor took (steal) in its two halves. Target >= 0.85. request_per_turn_vs_raw_tokens_ratio: the
   same with each turn a request of its own (``sessions=False``) on an engine batching ``--window``,
   against a raw run on it.
   ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
@@ -31,7 +33,7 @@ The engine's prefix cache is emptied between the runs, so no run reuses another'
 All figures come from one run, on two engines (a request per turn, then sessions). Last line: one JSON
 object.
 
-    python bench/sampling.py [--chains 256] [--window 64] [--sync-chains 64] [--naive-chains 8]
+    python bench/sampling.py [--chains 256] [--window 64] [--rounds 3] [--sync-chains 64] [--naive-chains 8]
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 
 class EngineTrace:
@@ -150,6 +152,40 @@ class Timeline:
         return tokens / (t1 - t0), (t1 - t0) / (self.replies[-1][0] - t0)
 
 
+def cpu_steal() -> tuple[int, int]:
+    """(steal, all) CPU ticks of this machine so far (/proc/stat; (0, 0) where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return round((after[0] - before[0]) / max(1, after[1] - before[1]), 3)
+
+
+@dataclass
+class Round:
+    """One sampler run on the sessions engine and the raw runs right after it."""
+
+    run: tuple  # sampler_run's result
+    raw: tuple  # raw_run's result
+    turns: dict | None  # the TurnScheduler's counts over the sampler run
+    steal_run: float
+    steal_raw: float
+
+    def raw_tps(self) -> float:
+        return self.raw[0] / self.raw[1]
+
+    def ratio(self) -> float:
+        return (self.run[0].completion_tokens / self.run[0].seconds) / self.raw_tps()
+
+    def steady_ratio(self) -> float:
+        return self.run[4][0] / self.raw_tps()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -167,6 +203,10 @@ def main() -> None:
     ap.add_argument(
         "--raw-repeats", type=int, default=3, help="raw runs after each sampler run (the median counts)"
     )
+    ap.add_argument(
+        "--rounds", type=int, default=3,
+        help="sampler runs on the sessions engine, each followed by its raw runs (the median round counts)",
+    )  # fmt: skip
     ap.add_argument(
         "--turn-wait", type=float, default=None,
         help="the sessions engine's turn_wait (default: the backend's; 0: steps do not wait for paused sessions)",
@@ -325,11 +365,25 @@ def main() -> None:
     be = VLLMBackend("gemma-3-270m", **kw, **turn_kw)  # sessions: the default
     sess_places = be.max_in_flight
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
-    turns0 = be.turn_stats()  # None: no TurnScheduler (--turn-wait 0)
-    sess, _, sess_trace, sess_client_cpu, (sess_steady_tps, sess_steady_share) = sampler_run(be)
-    turns1 = be.turn_stats()
-    turned = {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None
-    sess_raw_tokens, sess_raw_s, sess_raw_trace, _, sess_raw_runs = raw_run(be, sess)
+    # --rounds alternations of the sampler's run (the same chains and seeds each time) and the raw runs right
+    # after it: each round's ratio compares runs a minute apart, and the median round counts
+    rounds = []
+    for _ in range(args.rounds):
+        turns0 = be.turn_stats()  # None: no TurnScheduler (--turn-wait 0)
+        steal0 = cpu_steal()
+        run = sampler_run(be)
+        steal1, turns1 = cpu_steal(), be.turn_stats()
+        raw = raw_run(be, run[0])
+        rounds.append(
+            Round(
+                run, raw, {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None,
+                steal_share(steal0, steal1), steal_share(steal1, cpu_steal()),
+            )
+        )  # fmt: skip
+    median = sorted(rounds, key=Round.ratio)[len(rounds) // 2]
+    sess, _, sess_trace, sess_client_cpu, (_, sess_steady_share) = median.run
+    sess_raw_tokens, sess_raw_s, sess_raw_trace, _, sess_raw_runs = median.raw
+    turned = median.turns
     turns_tps, turns_runs = raw_turns(be, sess_trace)
     be.close()
 
@@ -341,15 +395,17 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "agent_vs_raw_tokens_ratio": round(
-                    (sess.completion_tokens / sess.seconds) / (sess_raw_tokens / sess_raw_s), 3
-                ),
+                "agent_vs_raw_tokens_ratio": round(median.ratio(), 3),
+                # every round's ratio (the same chains, each against the raw runs right after it), and the
+                # share of the machine's CPU time its hypervisor took (steal) in each round's sampler and raw
+                # runs: a round whose two shares differ compares a slower machine with a faster one
+                "agent_vs_raw_tokens_ratio_rounds": [round(r.ratio(), 3) for r in rounds],
+                "agent_steady_vs_raw_tokens_ratio_rounds": [round(r.steady_ratio(), 3) for r in rounds],
+                "steal_share_rounds": [[r.steal_run, r.steal_raw] for r in rounds],
                 "request_per_turn_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
                 # the same over the run's steady phase (Timeline): what a long run (the paper's
                 # 1000 chains per problem) keeps up
-                "agent_steady_vs_raw_tokens_ratio": round(
-                    sess_steady_tps / (sess_raw_tokens / sess_raw_s), 3
-                ),
+                "agent_steady_vs_raw_tokens_ratio": round(median.steady_ratio(), 3),
                 "request_per_turn_steady_vs_raw_tokens_ratio": round(steady_tps / raw_tps, 3),
                 "steady_share_of_run": round(sess_steady_share, 3),
                 "request_per_turn_steady_share_of_run": round(steady_share, 3),
