@@ -126,10 +126,12 @@ CPU_ENGINE_ENV = {
     # vLLM reserves a core for the frontend by default: giving the engine both doubled tokens/s (module doc)
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     # torch's allocator asks for transparent huge pages (madvise) for its buffers of 2 MiB and more: the KV
-    # cache, the weights. Sessions' turns read KV blocks scattered over a cache of several GiB, and with 4 KiB
-    # pages each is a TLB miss. The bench's sessions engine and 256 chains, 2-3 runs per process, processes
-    # one after another: without, 306.2, 356.2 | 306.0, 316.4, 328.8 tokens/s; with, 345.4, 380.0, 380.5 |
-    # 371.2, 386.4, 379.2. Where the kernel's THP setting is "never" it does nothing.
+    # cache, the weights, and each step's logits and sampling buffers, which glibc maps and unmaps at every
+    # step. On the bench's sessions engine and 256 chains, a run's minor page faults in the engine's worker
+    # fell from 5.1-5.7 million to 0.19-0.33 million. Tokens/s (2-3 runs per process, 12 processes one
+    # after another) moved less and not always: a fresh engine's first run 222-371 with (7 processes, mean
+    # 303) against 261-306 without (5, mean 282), its second 275-386 (mean 337) against 305-356 (mean 324).
+    # Where the kernel's THP setting is "never" it does nothing.
     "THP_MEM_ALLOC_ENABLE": "1",
 }
 
