@@ -13,9 +13,9 @@ through it (four windows' worth by default): a sampling run has many more chains
   the engine can do, measured right after the sampler's run (this machine's speed drifts over minutes;
   the median of ``--raw-repeats`` raw runs). The sessions engine runs ``--rounds`` such pairs (the same
   chains and seeds each time); the median round's ratio counts, and every round's is reported with the
-  share of CPU time the hypervisor took (steal) in its two halves. Target >= 0.85. request_per_turn_vs_raw_tokens_ratio: the
-  same with each turn a request of its own (``sessions=False``) on an engine batching ``--window``,
-  against a raw run on it.
+  share of CPU time the hypervisor took (steal) in its two halves. Target >= 0.85.
+  request_per_turn_vs_raw_tokens_ratio: the same with each turn a request of its own (``sessions=False``)
+  on an engine batching ``--window``, against a raw run on it.
   ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
 - agent_vs_raw_turns_tokens_ratio: the sampler (sessions) against raw requests as short as its turns: four
   batches' worth of the initial prompts in one ``generate`` call, each generating a length drawn from the
