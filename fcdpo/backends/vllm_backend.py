@@ -210,9 +210,13 @@ class VLLMBackend(Backend):
             engine_kwargs.setdefault("block_size", 32)
             # a step waits for the sessions the last one paused (fcdpo.backends.vllm_turns)
             if turn_wait > 0:
-                engine_kwargs.setdefault("scheduler_cls", "fcdpo.backends.vllm_turns.TurnScheduler")
+                from fcdpo.backends.vllm_turns import CONFIG_KEY, TurnScheduler
+
+                engine_kwargs.setdefault(
+                    "scheduler_cls", f"{TurnScheduler.__module__}.{TurnScheduler.__name__}"
+                )
                 extra = dict(engine_kwargs.get("additional_config") or {})
-                engine_kwargs["additional_config"] = {**extra, "fcdpo_turn_wait": turn_wait}
+                engine_kwargs["additional_config"] = {**extra, CONFIG_KEY: turn_wait}
         from vllm import LLM
 
         self.resolved = resolved

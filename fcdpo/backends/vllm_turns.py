@@ -40,7 +40,8 @@ class TurnScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.turn_wait = float((self.vllm_config.additional_config or {}).get(CONFIG_KEY, 1.0))
+        # set by VLLMBackend (its turn_wait, whose default is TURN_WAIT there); not set: it does not wait
+        self.turn_wait = float((self.vllm_config.additional_config or {}).get(CONFIG_KEY, 0.0))
         self.paused: set[str] = set()  # sessions whose turn ended at the last step
         self.step_s = 0.0  # the last step's time, from schedule() to update_from_output()
         self.scheduled_at = 0.0
