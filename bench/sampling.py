@@ -10,13 +10,20 @@ through it (four windows' worth by default): a sampling run has many more chains
   an engine with a quarter more places than ``--window`` for the sessions paused between turns), divided
   by tokens/s of one raw ``llm.generate`` call on that engine's full batch (as many of the same initial
   prompts, each made to generate the chains' mean number of tokens: no stop strings, fixed length): what
-  the engine can do, measured right after the sampler's run (this machine's speed drifts over minutes;
-  the median of ``--raw-repeats`` raw runs). The sessions engine runs ``--rounds`` such pairs (the same
-  chains and seeds each time); the median round's ratio counts, and every round's is reported with the
-  share of CPU time the hypervisor took (steal) in its two halves. Target >= 0.85.
+  the engine can do. The sessions engine runs the sampler ``--rounds`` times (the same chains and seeds
+  each time, after one untimed warm-up run), with ``--raw-repeats`` raw runs before the first and after
+  each; a round's reference is the median of the raw runs on both sides of it (this machine's speed
+  drifts over minutes, either way). The median round's ratio counts; every round's is reported, with its
+  two sides' tokens/s, its ratio against the raw runs after it alone, and the share of CPU time the
+  hypervisor took (steal) in its two halves. Target >= 0.85.
   request_per_turn_vs_raw_tokens_ratio: the same with each turn a request of its own (``sessions=False``)
   on an engine batching ``--window``, against a raw run on it.
   ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
+  raw_same_prompt_vs_raw_tokens_ratio: what the sampler's prompt tokens leave of that ratio. Its turns add
+  each function's result and the call prefix, prompt tokens the engine computes and a raw sequence never
+  has. Raw runs whose sequences compute as many prompt tokens as the chains did (filler after the initial
+  prompt), against plain raw runs, alternating; agent_vs_raw_same_prompt_tokens_ratio: the sampler against
+  them.
 - agent_vs_raw_turns_tokens_ratio: the sampler (sessions) against raw requests as short as its turns: four
   batches' worth of the initial prompts in one ``generate`` call, each generating a length drawn from the
   sampler's own turns (continuous batching of short requests, no functions between them; the median of
@@ -44,6 +51,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -168,19 +176,30 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 @dataclass
 class Round:
-    """One sampler run on the sessions engine and the raw runs right after it."""
+    """One sampler run on the sessions engine and the raw runs on both sides of it: the round before's
+    (or, first, the ones before the first round) and its own, right after it."""
 
     run: tuple  # sampler_run's result
-    raw: tuple  # raw_run's result
+    raw: tuple  # raw_run's result: the runs right after it
+    before: list[float]  # tokens/s of the raw runs right before it
     turns: dict | None  # the TurnScheduler's counts over the sampler run
     steal_run: float
     steal_raw: float
 
+    def agent_tps(self) -> float:
+        return self.run[0].completion_tokens / self.run[0].seconds
+
     def raw_tps(self) -> float:
-        return self.raw[0] / self.raw[1]
+        """The engine's speed around the sampler's run: the median of the raw runs before and after it
+        (this machine's speed drifts over minutes, either way)."""
+        return statistics.median(self.before + self.raw[4])
+
+    def after_ratio(self) -> float:
+        """Against the raw runs after it alone (the bench's reference until 2026-12-06)."""
+        return self.agent_tps() / (self.raw[0] / self.raw[1])
 
     def ratio(self) -> float:
-        return (self.run[0].completion_tokens / self.run[0].seconds) / self.raw_tps()
+        return self.agent_tps() / self.raw_tps()
 
     def steady_ratio(self) -> float:
         return self.run[4][0] / self.raw_tps()
@@ -204,7 +223,7 @@ def main() -> None:
         "--raw-repeats", type=int, default=3, help="raw runs after each sampler run (the median counts)"
     )
     ap.add_argument(
-        "--rounds", type=int, default=3,
+        "--rounds", type=int, default=5,
         help="sampler runs on the sessions engine, each followed by its raw runs (the median round counts)",
     )  # fmt: skip
     ap.add_argument(
@@ -277,9 +296,17 @@ def main() -> None:
         run, every = median_run([raw_once(be, res) for _ in range(args.raw_repeats)], lambda r: r[0] / r[1])
         return (*run, every)
 
-    def raw_once(be, res):
+    def raw_once(be, res, extra=0):
+        """One raw run; ``extra``: filler tokens after each prompt, computed as prompt tokens."""
         per = max(1, round(res.completion_tokens / res.sampled))
         first = chain_prompts[: be.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs]  # a full batch
+        if extra:  # each sequence's filler its own from its first token on, so none of it is cached
+            tok = be.llm.get_tokenizer()
+            [the] = tok.encode(" the", add_special_tokens=False)
+            first = [
+                {"prompt_token_ids": tok.encode(p) + [1000 + i] + [the] * (extra - 1)}
+                for i, p in enumerate(first)
+            ]
         params = [
             VSP(temperature=0.7, max_tokens=per, min_tokens=per, ignore_eos=True, seed=i)
             for i in range(len(first))
@@ -312,6 +339,22 @@ def main() -> None:
             outs = be.llm.generate(prompts, params, use_tqdm=False)
             runs.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0))
         return median_run(runs, lambda r: r)
+
+    def prompt_bound(be, res, trace, raw_trace):
+        """What the sampler's prompt tokens bound its ratio to: raw runs whose sequences compute as many
+        prompt tokens as its chains did (the initial prompt, then filler), against the plain raw runs,
+        alternating (``--raw-repeats`` each): the tokens/s of the two, and each run's tokens/s."""
+        computed = sum(r[1] for r in trace.requests) / res.sampled  # prompt tokens per chain
+        extra = max(0, round(computed - raw_trace.per_request(1)))
+        plain, filled = [], []
+        for _ in range(args.raw_repeats):
+            for runs, k in ((plain, 0), (filled, extra)):
+                tokens, secs, t, _ = raw_once(be, res, k)
+                runs.append((tokens / secs, t.per_request(1)))
+        return (
+            statistics.median(r for r, _ in plain), statistics.median(r for r, _ in filled),
+            [round(r, 1) for r, _ in filled], filled[0][1], computed,
+        )  # fmt: skip
 
     # the sampler with a request per turn
     res, recs, trace, agent_client_cpu, (steady_tps, steady_share) = sampler_run(be)
@@ -364,9 +407,13 @@ def main() -> None:
     turn_kw = {} if args.turn_wait is None else {"turn_wait": args.turn_wait}
     be = VLLMBackend("gemma-3-270m", **kw, **turn_kw)  # sessions: the default
     sess_places = be.max_in_flight
-    be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
-    # --rounds alternations of the sampler's run (the same chains and seeds each time) and the raw runs right
-    # after it: each round's ratio compares runs a minute apart, and the median round counts
+    # a warm-up run of the sampler (the same chains and seeds), not timed: a fresh engine builds its
+    # kernels for each new number of tokens in a step, and the raw runs before the first round need the
+    # chains' mean length
+    warm = sampler_run(be)[0]
+    before = raw_run(be, warm)[4]
+    # --rounds alternations of the sampler's run (the same chains and seeds each time) and raw runs: each
+    # round is compared with the raw runs on both sides of it, and the median round counts
     rounds = []
     for _ in range(args.rounds):
         turns0 = be.turn_stats()  # None: no TurnScheduler (--turn-wait 0)
@@ -376,15 +423,19 @@ def main() -> None:
         raw = raw_run(be, run[0])
         rounds.append(
             Round(
-                run, raw, {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None,
+                run, raw, before, {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None,
                 steal_share(steal0, steal1), steal_share(steal1, cpu_steal()),
             )
         )  # fmt: skip
+        before = raw[4]
     median = sorted(rounds, key=Round.ratio)[len(rounds) // 2]
     sess, _, sess_trace, sess_client_cpu, (_, sess_steady_share) = median.run
-    sess_raw_tokens, sess_raw_s, sess_raw_trace, _, sess_raw_runs = median.raw
+    _, _, sess_raw_trace, _, sess_raw_runs = median.raw
     turned = median.turns
     turns_tps, turns_runs = raw_turns(be, sess_trace)
+    plain_tps, filled_tps, filled_runs, filled_prefill, chain_prefill = prompt_bound(
+        be, sess, sess_trace, sess_raw_trace
+    )
     be.close()
 
     print(
@@ -400,8 +451,13 @@ def main() -> None:
                 # share of the machine's CPU time its hypervisor took (steal) in each round's sampler and raw
                 # runs: a round whose two shares differ compares a slower machine with a faster one
                 "agent_vs_raw_tokens_ratio_rounds": [round(r.ratio(), 3) for r in rounds],
+                # against the raw runs right after each round alone (the reference of the earlier rows)
+                "agent_vs_raw_after_tokens_ratio_rounds": [round(r.after_ratio(), 3) for r in rounds],
                 "agent_steady_vs_raw_tokens_ratio_rounds": [round(r.steady_ratio(), 3) for r in rounds],
                 "steal_share_rounds": [[r.steal_run, r.steal_raw] for r in rounds],
+                # each round's two sides: whether a round's ratio moves with the sampler or with the engine
+                "agent_tokens_per_s_rounds": [round(r.agent_tps(), 1) for r in rounds],
+                "raw_tokens_per_s_rounds": [round(r.raw_tps(), 1) for r in rounds],
                 "request_per_turn_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
                 # the same over the run's steady phase (Timeline): what a long run (the paper's
                 # 1000 chains per problem) keeps up
@@ -415,14 +471,23 @@ def main() -> None:
                 "same_chains": same,
                 "batched_vs_naive_chains_ratio": round(batched_cps / naive_cps, 2),
                 "agent_tokens_per_s": round(sess.completion_tokens / sess.seconds, 1),
-                "raw_tokens_per_s": round(sess_raw_tokens / sess_raw_s, 1),
-                "raw_tokens_per_s_runs": sess_raw_runs,
+                "raw_tokens_per_s": round(median.raw_tps(), 1),
+                "raw_tokens_per_s_runs": sorted(median.before + sess_raw_runs),
                 "raw_tokens_per_s_runs_after_request_per_turn": raw_runs,
                 "raw_prefill_tokens_per_request": sess_raw_trace.per_request(1),
                 "agent_vs_raw_turns_tokens_ratio": round(
                     (sess.completion_tokens / sess.seconds) / turns_tps, 3
                 ),
                 "raw_turns_tokens_per_s_runs": turns_runs,
+                # the bound the sampler's prompt tokens put on agent_vs_raw_tokens_ratio: raw runs computing
+                # as many prompt tokens per sequence as its chains did (its turns add each function's result
+                # and the call prefix, which a raw sequence never prefills), against plain raw runs
+                # alternating with them; and the sampler's ratio against that bound
+                "raw_same_prompt_vs_raw_tokens_ratio": round(filled_tps / plain_tps, 3),
+                "agent_vs_raw_same_prompt_tokens_ratio": round(median.ratio() * plain_tps / filled_tps, 3),
+                "raw_same_prompt_tokens_per_s_runs": filled_runs,
+                "chain_prompt_tokens_computed": round(chain_prefill, 1),
+                "raw_same_prompt_prefill_tokens_per_request": filled_prefill,
                 "request_per_turn_tokens_per_s": round(agent_tps, 1),
                 "raw_tokens_per_s_after_request_per_turn": round(raw_tps, 1),
                 "batched_chains_per_s": round(batched_cps, 3),
