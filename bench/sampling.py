@@ -40,7 +40,7 @@ The engine's prefix cache is emptied between the runs, so no run reuses another'
 All figures come from one run, on two engines (a request per turn, then sessions). Last line: one JSON
 object.
 
-    python bench/sampling.py [--chains 256] [--window 64] [--rounds 3] [--sync-chains 64] [--naive-chains 8]
+    python bench/sampling.py [--chains 256] [--window 64] [--rounds 5] [--sync-chains 64] [--naive-chains 8]
 """
 
 from __future__ import annotations
