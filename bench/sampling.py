@@ -22,8 +22,8 @@ through it (four windows' worth by default): a sampling run has many more chains
   raw_same_prompt_vs_raw_tokens_ratio: what the sampler's prompt tokens leave of that ratio. Its turns add
   each function's result and the call prefix, prompt tokens the engine computes and a raw sequence never
   has. Raw runs whose sequences compute as many prompt tokens as the chains did (filler after the initial
-  prompt), against plain raw runs, alternating; agent_vs_raw_same_prompt_tokens_ratio: the sampler against
-  them.
+  prompt), each against a plain raw run right before it (the median of ``--bound-pairs`` pairs: one pair's
+  ratio moved 0.78-0.93 here); agent_vs_raw_same_prompt_tokens_ratio: the sampler against them.
 - agent_vs_raw_turns_tokens_ratio: the sampler (sessions) against raw requests as short as its turns: four
   batches' worth of the initial prompts in one ``generate`` call, each generating a length drawn from the
   sampler's own turns (continuous batching of short requests, no functions between them; the median of
@@ -227,6 +227,10 @@ def main() -> None:
         help="sampler runs on the sessions engine, each followed by its raw runs (the median round counts)",
     )  # fmt: skip
     ap.add_argument(
+        "--bound-pairs", type=int, default=8,
+        help="pairs of a plain and a filled raw run for the bound the turns' prompt tokens set (the median pair)",
+    )  # fmt: skip
+    ap.add_argument(
         "--turn-wait", type=float, default=None,
         help="the sessions engine's turn_wait (default: the backend's; 0: steps do not wait for paused sessions)",
     )  # fmt: skip
@@ -342,19 +346,16 @@ def main() -> None:
 
     def prompt_bound(be, res, trace, raw_trace):
         """What the sampler's prompt tokens bound its ratio to: raw runs whose sequences compute as many
-        prompt tokens as its chains did (the initial prompt, then filler), against the plain raw runs,
-        alternating (``--raw-repeats`` each): the tokens/s of the two, and each run's tokens/s."""
+        prompt tokens as its chains did (the initial prompt, then filler), each right after a plain raw run
+        (``--bound-pairs`` pairs): the median pair's ratio, every pair's, and the prompt tokens computed
+        per filled sequence and per chain."""
         computed = sum(r[1] for r in trace.requests) / res.sampled  # prompt tokens per chain
         extra = max(0, round(computed - raw_trace.per_request(1)))
-        plain, filled = [], []
-        for _ in range(args.raw_repeats):
-            for runs, k in ((plain, 0), (filled, extra)):
-                tokens, secs, t, _ = raw_once(be, res, k)
-                runs.append((tokens / secs, t.per_request(1)))
-        return (
-            statistics.median(r for r, _ in plain), statistics.median(r for r, _ in filled),
-            [round(r, 1) for r, _ in filled], filled[0][1], computed,
-        )  # fmt: skip
+        ratios = []
+        for _ in range(args.bound_pairs):
+            (p_tokens, p_s, _, _), (f_tokens, f_s, t, _) = raw_once(be, res), raw_once(be, res, extra)
+            ratios.append((f_tokens / f_s) / (p_tokens / p_s))
+        return statistics.median(ratios), sorted(round(r, 3) for r in ratios), t.per_request(1), computed
 
     # the sampler with a request per turn
     res, recs, trace, agent_client_cpu, (steady_tps, steady_share) = sampler_run(be)
@@ -433,9 +434,7 @@ def main() -> None:
     _, _, sess_raw_trace, _, sess_raw_runs = median.raw
     turned = median.turns
     turns_tps, turns_runs = raw_turns(be, sess_trace)
-    plain_tps, filled_tps, filled_runs, filled_prefill, chain_prefill = prompt_bound(
-        be, sess, sess_trace, sess_raw_trace
-    )
+    bound, bound_pairs, filled_prefill, chain_prefill = prompt_bound(be, sess, sess_trace, sess_raw_trace)
     be.close()
 
     print(
@@ -481,11 +480,11 @@ def main() -> None:
                 "raw_turns_tokens_per_s_runs": turns_runs,
                 # the bound the sampler's prompt tokens put on agent_vs_raw_tokens_ratio: raw runs computing
                 # as many prompt tokens per sequence as its chains did (its turns add each function's result
-                # and the call prefix, which a raw sequence never prefills), against plain raw runs
-                # alternating with them; and the sampler's ratio against that bound
-                "raw_same_prompt_vs_raw_tokens_ratio": round(filled_tps / plain_tps, 3),
-                "agent_vs_raw_same_prompt_tokens_ratio": round(median.ratio() * plain_tps / filled_tps, 3),
-                "raw_same_prompt_tokens_per_s_runs": filled_runs,
+                # and the call prefix, which a raw sequence never prefills), each against a plain raw run
+                # right before it (the median pair); and the sampler's ratio against that bound
+                "raw_same_prompt_vs_raw_tokens_ratio": round(bound, 3),
+                "raw_same_prompt_vs_raw_tokens_ratio_pairs": bound_pairs,
+                "agent_vs_raw_same_prompt_tokens_ratio": round(median.ratio() / bound, 3),
                 "chain_prompt_tokens_computed": round(chain_prefill, 1),
                 "raw_same_prompt_prefill_tokens_per_request": filled_prefill,
                 "request_per_turn_tokens_per_s": round(agent_tps, 1),
