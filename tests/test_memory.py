@@ -132,6 +132,25 @@ def test_settings_reject_a_malformed_number(monkeypatch):
         settings()
 
 
+def test_cpu_bf16_can_be_forced_off_for_the_engines_and_training(monkeypatch, tmp_path):
+    """``FCDPO_CPU_BF16=0`` runs as on a CPU without native bf16 (float32 engines and training), whatever
+    this CPU has; ``1`` forces bf16; anything else is an error naming the variable."""
+    from fcdpo.backends.vllm_backend import _default_dtype
+    from fcdpo.models import cpu_has_bf16
+    from fcdpo.training import TrainingConfig, _common_args
+
+    monkeypatch.setenv("FCDPO_CPU_BF16", "0")
+    assert cpu_has_bf16() is False
+    assert _default_dtype(gpu=False) == "float32"
+    assert _common_args(TrainingConfig(), tmp_path, gpu=False)["bf16"] is False
+    monkeypatch.setenv("FCDPO_CPU_BF16", "1")
+    assert _default_dtype(gpu=False) == "bfloat16"
+    assert _common_args(TrainingConfig(), tmp_path, gpu=False)["bf16"] is True
+    monkeypatch.setenv("FCDPO_CPU_BF16", "sometimes")
+    with pytest.raises(ValueError, match="FCDPO_CPU_BF16='sometimes'"):
+        cpu_has_bf16()
+
+
 def test_sessions_get_a_quarter_more_engine_places_and_their_kv():
     """A paused vLLM session (its chain running its call) keeps its place in the engine and its KV blocks:
     with ``sessions`` on (the default), the engine gets a quarter more places than the batch, and KV for
