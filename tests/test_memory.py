@@ -151,6 +151,34 @@ def test_cpu_bf16_can_be_forced_off_for_the_engines_and_training(monkeypatch, tm
         cpu_has_bf16()
 
 
+def test_doctor_reports_the_machine_precision_and_the_default_runs_plans(gemma, monkeypatch):
+    """``fcdpo doctor`` on the default config (no imports): the machine, what the CPU computes in, and the
+    memory plan of each engine and of a DPO step, the same plans the run checks."""
+    from pathlib import Path
+
+    from fcdpo.doctor import doctor
+
+    monkeypatch.setenv("FCDPO_CPU_BF16", "0")
+    config = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    report = doctor(config, imports=False)
+    lines = {x.name: x for x in report.lines}
+    assert {
+        "cores",
+        "precision",
+        "memory",
+        "default model",
+        "teacher engine",
+        "student engine",
+        "DPO step",
+    } <= set(lines)
+    assert lines["precision"].detail == "float32 on CPU (FCDPO_CPU_BF16=0)"
+    assert lines["default model"].ok
+    # float32 weights: 4 bytes a parameter (gemma-3-270m: ~0.27 G of them)
+    assert "weights 1.00 GiB" in lines["teacher engine"].detail
+    assert report.fits == all(lines[n].ok for n in ("teacher engine", "student engine", "DPO step"))
+    assert "precision" in report.render() and report.render().endswith("this machine now")
+
+
 def test_sessions_get_a_quarter_more_engine_places_and_their_kv():
     """A paused vLLM session (its chain running its call) keeps its place in the engine and its KV blocks:
     with ``sessions`` on (the default), the engine gets a quarter more places than the batch, and KV for
