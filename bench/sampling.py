@@ -22,8 +22,10 @@ through it (four windows' worth by default): a sampling run has many more chains
   raw_same_prompt_vs_raw_tokens_ratio: what the sampler's prompt tokens leave of that ratio. Its turns add
   each function's result and the call prefix, prompt tokens the engine computes and a raw sequence never
   has. Raw runs whose sequences compute as many prompt tokens as the chains did (filler after the initial
-  prompt), each against a plain raw run right before it (the median of ``--bound-pairs`` pairs: one pair's
-  ratio moved 0.78-0.93 here); agent_vs_raw_same_prompt_tokens_ratio: the sampler against them.
+  prompt), against plain raw runs beside them: ``--bound-quads`` quads of four runs, plain, filled, filled,
+  plain, each quad's ratio its filled tokens/s over its plain ones (a drift that runs one way through a
+  quad cancels; a filled run against the plain one right before it moved 0.756-0.996 in one bench run);
+  the median quad counts. agent_vs_raw_same_prompt_tokens_ratio: the sampler against them.
 - agent_vs_raw_turns_tokens_ratio: the sampler (sessions) against raw requests as short as its turns: four
   batches' worth of the initial prompts in one ``generate`` call, each generating a length drawn from the
   sampler's own turns (continuous batching of short requests, no functions between them; the median of
@@ -227,8 +229,8 @@ def main() -> None:
         help="sampler runs on the sessions engine, each followed by its raw runs (the median round counts)",
     )  # fmt: skip
     ap.add_argument(
-        "--bound-pairs", type=int, default=8,
-        help="pairs of a plain and a filled raw run for the bound the turns' prompt tokens set (the median pair)",
+        "--bound-quads", type=int, default=4,
+        help="quads of raw runs (plain, filled, filled, plain) for the bound the turns' prompt tokens set (the median quad)",
     )  # fmt: skip
     ap.add_argument(
         "--turn-wait", type=float, default=None,
@@ -346,16 +348,17 @@ def main() -> None:
 
     def prompt_bound(be, res, trace, raw_trace):
         """What the sampler's prompt tokens bound its ratio to: raw runs whose sequences compute as many
-        prompt tokens as its chains did (the initial prompt, then filler), each right after a plain raw run
-        (``--bound-pairs`` pairs): the median pair's ratio, every pair's, and the prompt tokens computed
-        per filled sequence and per chain."""
+        prompt tokens as its chains did (the initial prompt, then filler), against plain raw runs beside
+        them (``--bound-quads`` quads: plain, filled, filled, plain): the median quad's ratio, every quad's,
+        and the prompt tokens computed per filled sequence and per chain."""
         computed = sum(r[1] for r in trace.requests) / res.sampled  # prompt tokens per chain
         extra = max(0, round(computed - raw_trace.per_request(1)))
         ratios = []
-        for _ in range(args.bound_pairs):
-            (p_tokens, p_s, _, _), (f_tokens, f_s, t, _) = raw_once(be, res), raw_once(be, res, extra)
-            ratios.append((f_tokens / f_s) / (p_tokens / p_s))
-        return statistics.median(ratios), sorted(round(r, 3) for r in ratios), t.per_request(1), computed
+        for _ in range(args.bound_quads):
+            p1, f1, f2, p2 = (raw_once(be, res, n) for n in (0, extra, extra, 0))
+            filled_tps = (f1[0] + f2[0]) / (f1[1] + f2[1])
+            ratios.append(filled_tps / ((p1[0] + p2[0]) / (p1[1] + p2[1])))
+        return statistics.median(ratios), sorted(round(r, 3) for r in ratios), f2[2].per_request(1), computed
 
     # the sampler with a request per turn
     res, recs, trace, agent_client_cpu, (steady_tps, steady_share) = sampler_run(be)
@@ -434,7 +437,7 @@ def main() -> None:
     _, _, sess_raw_trace, _, sess_raw_runs = median.raw
     turned = median.turns
     turns_tps, turns_runs = raw_turns(be, sess_trace)
-    bound, bound_pairs, filled_prefill, chain_prefill = prompt_bound(be, sess, sess_trace, sess_raw_trace)
+    bound, bound_quads, filled_prefill, chain_prefill = prompt_bound(be, sess, sess_trace, sess_raw_trace)
     be.close()
 
     print(
@@ -480,10 +483,10 @@ def main() -> None:
                 "raw_turns_tokens_per_s_runs": turns_runs,
                 # the bound the sampler's prompt tokens put on agent_vs_raw_tokens_ratio: raw runs computing
                 # as many prompt tokens per sequence as its chains did (its turns add each function's result
-                # and the call prefix, which a raw sequence never prefills), each against a plain raw run
-                # right before it (the median pair); and the sampler's ratio against that bound
+                # and the call prefix, which a raw sequence never prefills), against plain raw runs on both
+                # sides (the median quad); and the sampler's ratio against that bound
                 "raw_same_prompt_vs_raw_tokens_ratio": round(bound, 3),
-                "raw_same_prompt_vs_raw_tokens_ratio_pairs": bound_pairs,
+                "raw_same_prompt_vs_raw_tokens_ratio_quads": bound_quads,
                 "agent_vs_raw_same_prompt_tokens_ratio": round(median.ratio() / bound, 3),
                 "chain_prompt_tokens_computed": round(chain_prefill, 1),
                 "raw_same_prompt_prefill_tokens_per_request": filled_prefill,
