@@ -6,7 +6,7 @@ change them between calls).
 | ``FCDPO_CACHE`` | ``~/.cache/fcdpo`` | converted default model, merged student copies, locks |
 | ``FCDPO_MERGED_CACHE_GB`` | ``4`` | merged base+adapter copies beyond this are deleted, least recently used first |
 | ``FCDPO_GPU_MEMORY_UTILIZATION`` | unset | default ``gpu_memory_utilization`` of every vLLM engine fcdpo starts (0.9 on GPUs, 0.3 on CPU); ``0.14`` reproduces a freshly started 2-core machine's NUMA node 0 on a long-lived one |
-| ``FCDPO_CPU_BF16`` | unset | ``0``: CPU engines and training run in float32, as on a CPU without native bf16 (reproduces such a machine's run on one that has it); ``1``: in bf16; unset: bf16 where the CPU has AVX512-BF16 or AMX |
+| ``FCDPO_CPU_BF16`` | unset | ``0``: CPU engines and training run in float32, as on a CPU without native bf16 (reproduces such a machine's run on one that has it); ``1``: in bf16; unset: bf16 where the CPU has AVX512-BF16 or AMX. Caches and shard files do not key on it, as on an engine's dtype: time a run in a fresh output folder |
 """
 
 from __future__ import annotations
