@@ -10,8 +10,11 @@ finishes frees its place for the next one at once, so the engine never waits for
 step. A few spare chains (``window // 8``, at least one) run beside them: while a chain parses its reply and
 runs its call, a spare one can take its place. Chains are made as places free up, so memory holds
 ``window + spare`` chains however many are sampled.
+Chains start longest first (:class:`LongestFirst`): the problems whose chains are expected to run longest
+go first, so the chains left for the end of a run are short and the engine drains fast (with four windows'
+worth of chains the engine spends a tenth of its time on a drain that runs in the given order).
 Each chain's replies are seeded from its own seed and step (``fcdpo.agent.step_seed``), never from the
-order chains run in: the same seeds give the same chains on deterministic backends.
+order chains run in: the same seeds give the same chains on deterministic backends, in any order.
 
 The backend decides how concurrent calls become batches (``Backend.agenerate``): vLLM adds each request to
 its running batch (continuous batching, prefix caching), the OpenAI backend keeps a bounded window of
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
+import math
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
@@ -35,30 +40,96 @@ from fcdpo.records import ChainRecord
 T = TypeVar("T")
 # tools run here, off the event loop: enough threads that a few slow prover calls don't stall the rest
 TOOL_THREADS = 8
+# a problem's own chains count against its task's mean as if the task had this many chains of its own
+PRIOR_CHAINS = 4
+
+
+class LongestFirst:
+    """The order chains start in: longest expected first (the longest-processing-time rule), so the last
+    chains of a run are short ones and the engine drains fast instead of waiting for a few long chains.
+
+    A problem's expected length is the mean completion tokens of its finished chains, shrunk toward its
+    task's mean (:data:`PRIOR_CHAINS`); a problem whose task has no finished chain yet is unknown and goes
+    first, so one window into a run every task is known. Ties keep the given order. Lengths are learnt as
+    chains finish (:meth:`finished`), and the problems are held in a heap re-keyed lazily: a pick costs
+    O(log problems), however many there are. ``learn=False`` keeps the given order.
+    """
+
+    def __init__(self, todo: Iterable[tuple[Problem, Sequence[int]]], learn: bool = True):
+        self.learn = learn
+        self.left: dict[str, tuple[Problem, Sequence[int], list[int]]] = {}  # ..., [next position]
+        for problem, indices in todo:
+            if indices:
+                if problem.id in self.left:
+                    raise ValueError(f"problem {problem.id!r} is given twice")
+                self.left[problem.id] = (problem, indices, [0])  # a range stays a range: no list per chain
+        self.heap = [(-math.inf, rank, pid) for rank, pid in enumerate(self.left)]
+        self.tasks: dict[str, list[float]] = {}  # task -> [tokens, chains]
+        self.problems: dict[str, list[float]] = {}  # problem id -> [tokens, chains]
+
+    def expected(self, problem: Problem) -> float:
+        """The chain length expected of ``problem`` (tokens); infinite while its task has none finished."""
+        task = self.tasks.get(problem.task)
+        if task is None:
+            return math.inf
+        own = self.problems.get(problem.id, [0.0, 0])
+        return (own[0] + PRIOR_CHAINS * task[0] / task[1]) / (own[1] + PRIOR_CHAINS)
+
+    def take(self) -> tuple[Problem, int] | None:
+        """The next chain to start, ``(problem, sample index)``; None when none is left."""
+        while self.heap:
+            key, rank, pid = self.heap[0]
+            problem, indices, at = self.left[pid]
+            now = -self.expected(problem)
+            if now != key and not math.isclose(now, key, rel_tol=0.02):
+                heapq.heapreplace(self.heap, (now, rank, pid))  # re-keyed; the top may be another now
+                continue
+            index = indices[at[0]]
+            at[0] += 1
+            if at[0] == len(indices):
+                heapq.heappop(self.heap)
+                del self.left[pid]
+            return problem, index
+        return None
+
+    def finished(self, problem: Problem, tokens: int) -> None:
+        """Learn from a finished chain of ``problem`` that generated ``tokens``."""
+        if not self.learn:
+            return
+        for stats, key in ((self.tasks, problem.task), (self.problems, problem.id)):
+            s = stats.setdefault(key, [0.0, 0])
+            s[0] += tokens
+            s[1] += 1
 
 
 async def roll_out(
     agent: Agent,
     backend: Backend,
-    todo: Iterable[tuple[Problem, int, int]],
+    todo: Iterable[tuple[Problem, Sequence[int]]],
     sampling: SamplingParams,
     on_done: Callable[[ChainRecord], None],
     window: int | None = None,
     on_start: Callable[[], None] | None = None,
     on_reply: Callable[[int], None] | None = None,
+    base_seed: int = 0,
+    longest_first: bool = True,
 ) -> None:
-    """Run a chain for each ``(problem, sample index, seed)`` of ``todo``, at most ``window`` requests in
-    the engine at once (and :func:`spare_chains` more chains between requests); ``on_done`` gets each
-    chain's record as it finishes (in finishing order), ``on_start`` is called as each chain starts and
-    ``on_reply`` with the tokens of each reply (progress while chains are still running)."""
-    pending = iter(todo)
+    """Run a chain for each ``(problem, sample indices)`` of ``todo`` and each index (seeded
+    ``chain_seed(base_seed, problem id, index)``), longest expected first (:class:`LongestFirst`; else in
+    the given order), at most
+    ``window`` requests in the engine at once (and :func:`spare_chains` more chains between requests);
+    ``on_done`` gets each chain's record as it finishes (in finishing order), ``on_start`` is called as
+    each chain starts and ``on_reply`` with the tokens of each reply (progress while chains are still
+    running)."""
+    order = LongestFirst(todo, learn=longest_first)
     tools = concurrent.futures.ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="fcdpo-tool")
     window = max(1, window or default_window(backend.max_in_flight))
     engine_places = asyncio.Semaphore(window)
 
     async def place() -> None:  # one place in the window: runs chains one after another
-        for problem, index, seed in pending:
-            chain = agent.new_chain(problem, index, seed)
+        while (job := order.take()) is not None:
+            problem, index = job
+            chain = agent.new_chain(problem, index, chain_seed(base_seed, problem.id, index))
             if on_start:
                 on_start()
             session = backend.session()
@@ -73,7 +144,9 @@ async def roll_out(
                     await agent.astep(chain, reply, tools)
             finally:
                 session.close()
-            on_done(chain.to_record())
+            record = chain.to_record()
+            order.finished(problem, record.completion_tokens)
+            on_done(record)
 
     try:
         await asyncio.gather(*(place() for _ in range(window + spare_chains(window))))
@@ -130,6 +203,10 @@ def run_chains(
         if on_done:
             on_done(r)
 
-    todo = [(p, i, chain_seed(base_seed, p.id, i)) for p in problems for i in range(samples)]
-    run_sync(roll_out(agent, backend, todo, sampling or SamplingParams(), done, window, on_start, on_reply))
-    return [records[(p.id, i)] for p, i, _ in todo]
+    todo = [(p, range(samples)) for p in problems]
+    run_sync(
+        roll_out(
+            agent, backend, todo, sampling or SamplingParams(), done, window, on_start, on_reply, base_seed
+        )
+    )
+    return [records[(p.id, i)] for p in problems for i in range(samples)]

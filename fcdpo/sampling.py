@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from fcdpo.agent import Agent, chain_seed
+from fcdpo.agent import Agent
 from fcdpo.backends.base import Backend, SamplingParams
 from fcdpo.hashing import code_version, digest
 from fcdpo.labelling import AutoLabeller, verdict_counts
@@ -223,13 +223,25 @@ def sample_shard(
     progress: bool = False,
     labeller: AutoLabeller | None = None,
     window: int | None = None,
+    longest_first: bool = True,
 ) -> ShardResult:
     """``samples`` chains for each problem, labelled by ``labeller`` (default: auto, Stop() required) as
     they finish, appended to the shard file under ``out_dir`` named by the shard's identity. ``window``:
     requests in flight at once (default: what the backend batches plus a quarter queued,
-    ``fcdpo.backends.default_window``)."""
+    ``fcdpo.backends.default_window``); ``longest_first``: start the chains longest expected first
+    (``fcdpo.rollout.LongestFirst``), else in the given order."""
     [result] = sample_shards(
-        agent, backend, [problems], samples, sampling, out_dir, base_seed, progress, labeller, window
+        agent,
+        backend,
+        [problems],
+        samples,
+        sampling,
+        out_dir,
+        base_seed,
+        progress,
+        labeller,
+        window,
+        longest_first=longest_first,
     )
     return result
 
@@ -262,6 +274,7 @@ def sample_shards(
     progress: bool = False,
     labeller: AutoLabeller | None = None,
     window: int | None = None,
+    longest_first: bool = True,
 ) -> list[ShardResult]:
     """:func:`sample_shard` for several shards in *one* rollout window: each chain's record goes to its
     shard's file, and the engine never drains at the end of a shard while the next waits (the last chains
@@ -280,20 +293,22 @@ def sample_shards(
     desc = f"shard {specs[0].identity[:8]}" if len(specs) == 1 else f"{len(specs)} shards"
     bar = Progress(total, sum(len(done) for _, done in opened), progress, desc)
     writers = [ShardWriter(path, label, shard, bar) for (path, _), shard in zip(opened, shards, strict=True)]
-    todo = (
-        (p, i, chain_seed(base_seed, p.id, i))
+    todo = [
+        (p, [i for i in range(samples) if (p.id, i) not in done] if done else range(samples))
         for shard, (_, done) in zip(shards, opened, strict=True)
         for p in shard
-        for i in range(samples)
-        if (p.id, i) not in done
-    )
+    ]
     t0 = time.perf_counter()
 
     def write(r: ChainRecord) -> None:
         writers[owner[r.problem_id]].write(r)
 
     try:
-        run_sync(roll_out(agent, backend, todo, sampling, write, window, bar.start, bar.reply))
+        run_sync(
+            roll_out(
+                agent, backend, todo, sampling, write, window, bar.start, bar.reply, base_seed, longest_first
+            )
+        )
     finally:
         for w in writers:
             w.close()

@@ -13,7 +13,7 @@ from fcdpo.backends import Backend, CallableBackend, Generation, SamplingParams,
 from fcdpo.backends.oracle import OracleBackend
 from fcdpo.problems import Problem
 from fcdpo.records import Message
-from fcdpo.rollout import run_chains
+from fcdpo.rollout import LongestFirst, run_chains
 from fcdpo.toolsets import TOOLSETS
 
 P = Problem(
@@ -202,6 +202,88 @@ def test_each_chain_runs_on_its_own_no_chain_waits_for_the_slowest():
     assert chains[0].done and not chains[1].done
     with pytest.raises(RuntimeError, match="already done"):
         agent.advance(chains[:1], ["Stop()"])
+
+
+def _problem(pid, task):
+    return Problem(id=pid, task=task, question=f"Question {pid}?", answer="1", toolset="arithmetic")
+
+
+def test_chains_start_longest_expected_first():
+    """Longest processing time first, learnt as chains finish: a task with no finished chain is unknown
+    and goes first, then the longest expected; a problem's own chains move it within its task."""
+    a, b, c, d = _problem("a", "short"), _problem("b", "long"), _problem("c", "long"), _problem("d", "short")
+    order = LongestFirst([(a, range(3)), (b, range(3)), (c, [0, 2]), (d, range(2)), (_problem("e", "x"), [])])
+    taken = [order.take()]
+    order.finished(a, 10)
+    taken.append(order.take())  # "short" is known now, "long" is not: it goes first
+    order.finished(b, 100)
+    taken += iter(order.take, None)
+    assert [(p.id, i) for p, i in taken] == [
+        ("a", 0), ("b", 0), ("b", 1), ("b", 2), ("c", 0), ("c", 2), ("a", 1), ("a", 2), ("d", 0), ("d", 1),
+    ]  # fmt: skip
+    # within a task: a problem's mean shrunk toward the task's (four chains at the task's mean)
+    x, y, z = _problem("x", "t"), _problem("y", "t"), _problem("z", "t")
+    order = LongestFirst([(x, range(3)), (y, range(3)), (z, range(3))])
+    assert [order.take()[0].id for _ in range(2)] == ["x", "x"]
+    order.finished(x, 10)
+    order.finished(x, 10)
+    assert order.take()[0].id == "x"  # every problem expects 10 tokens now: the given order
+    order.finished(y, 70)  # the task's mean is 30
+    assert order.expected(y) == (70 + 4 * 30) / 5 and order.expected(x) == (20 + 4 * 30) / 6
+    assert [order.take()[0].id for _ in range(6)] == ["y", "y", "y", "z", "z", "z"]
+    assert order.take() is None
+    # learn=False: the given order, whatever finishes
+    order = LongestFirst([(a, range(2)), (b, range(2))], learn=False)
+    taken = [order.take()]
+    order.finished(a, 1)
+    taken += iter(order.take, None)
+    assert [(p.id, i) for p, i in taken] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    with pytest.raises(ValueError, match="'a' is given twice"):
+        LongestFirst([(a, [0]), (a, [1])])
+
+
+@pytest.mark.parametrize("longest_first", [True, False])
+def test_the_rollout_learns_chain_lengths_and_leaves_short_chains_for_the_end(longest_first):
+    """roll_out feeds each finished chain's completion tokens to its order: long chains (task "long")
+    start before the short ones left, so the run ends on short chains."""
+    import asyncio
+
+    from fcdpo.rollout import roll_out, run_sync
+
+    s1, s2, l1, l2 = (
+        _problem("s1", "short"),
+        _problem("s2", "short"),
+        _problem("l1", "long"),
+        _problem("l2", "long"),
+    )
+    started = []
+
+    class Lengths(Backend):
+        model_id = "lengths"
+
+        def generate(self, prompts, params):
+            raise AssertionError("the asynchronous loop calls agenerate")
+
+        async def agenerate(self, prompt, params):
+            pid = prompt.rpartition("Question ")[2].partition("?")[0]
+            started.append(pid)  # every chain stops at its first reply: a reply is a chain's start
+            await asyncio.sleep(0)
+            return Generation(text="Stop()", completion_tokens=50 if pid.startswith("l") else 5)
+
+    done = []
+    todo = [(p, range(4)) for p in (s1, s2, l1, l2)]
+    run_sync(
+        roll_out(
+            Agent(), Lengths(), todo, SamplingParams(), done.append, window=1, longest_first=longest_first
+        )
+    )
+    assert sorted((r.problem_id, r.sample_index) for r in done) == sorted(
+        (p.id, i) for p, _ in todo for i in range(4)
+    )
+    if longest_first:  # two places (window 1 and a spare): s1's first two chains teach "short" is short
+        assert started == ["s1"] * 2 + ["l1"] * 4 + ["l2"] * 4 + ["s1"] * 2 + ["s2"] * 4
+    else:
+        assert started == ["s1"] * 4 + ["s2"] * 4 + ["l1"] * 4 + ["l2"] * 4
 
 
 def test_a_tool_that_hangs_is_cut_off_at_its_deadline():
