@@ -16,6 +16,9 @@ through it (four windows' worth by default): a sampling run has many more chains
   drifts over minutes, either way). The median round's ratio counts; every round's is reported, with its
   two sides' tokens/s, its ratio against the raw runs after it alone, and the share of CPU time the
   hypervisor took (steal) in its two halves. Target >= 0.85.
+  longest_first_vs_given_order_tokens_ratio: the median round against one more round whose chains start in
+  the given order, problem by problem (``sample_shard(longest_first=False)``), each against its raw runs:
+  what starting the chains longest expected first (``fcdpo.rollout.LongestFirst``) buys at the drain.
   request_per_turn_vs_raw_tokens_ratio: the same with each turn a request of its own (``sessions=False``)
   on an engine batching ``--window``, against a raw run on it.
   ``*_steady_*``: the same over the run's steady phase (until its last chain starts, see Timeline).
@@ -271,12 +274,12 @@ def main() -> None:
     # warm-up (first calls compile/allocate), not timed
     be.generate(agent.prompts([agent.new_chain(rest[0])]), [sp])
 
-    def sampler_run(be):
+    def sampler_run(be, longest_first=True):
         be.llm.reset_prefix_cache()
         trace, timeline = EngineTrace(be.llm.llm_engine), Timeline()
         cpu0 = time.process_time()
         with tempfile.TemporaryDirectory() as d:
-            res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1)
+            res = sample_shard(agent, be, rest, args.samples, sp, d, base_seed=1, longest_first=longest_first)
             recs = res.records()
         trace.stop()
         timeline.stop()
@@ -433,6 +436,14 @@ def main() -> None:
         )  # fmt: skip
         before = raw[4]
     median = sorted(rounds, key=Round.ratio)[len(rounds) // 2]
+    # one more round with the chains started in the given order (problem by problem), not longest first
+    turns0, steal0 = be.turn_stats(), cpu_steal()
+    run = sampler_run(be, longest_first=False)
+    steal1, turns1 = cpu_steal(), be.turn_stats()
+    given = Round(
+        run, raw_run(be, run[0]), before, {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None,
+        steal_share(steal0, steal1), steal_share(steal1, cpu_steal()),
+    )  # fmt: skip
     sess, _, sess_trace, sess_client_cpu, (_, sess_steady_share) = median.run
     _, _, sess_raw_trace, _, sess_raw_runs = median.raw
     turned = median.turns
@@ -461,6 +472,11 @@ def main() -> None:
                 "agent_tokens_per_s_rounds": [round(r.agent_tps(), 1) for r in rounds],
                 "raw_tokens_per_s_rounds": [round(r.raw_tps(), 1) for r in rounds],
                 "request_per_turn_vs_raw_tokens_ratio": round(agent_tps / raw_tps, 3),
+                # a round with the chains started in the given order instead of longest expected first
+                # (fcdpo.rollout.LongestFirst), against its own raw runs, and the median round against it
+                "agent_given_order_vs_raw_tokens_ratio": round(given.ratio(), 3),
+                "agent_given_order_steady_vs_raw_tokens_ratio": round(given.steady_ratio(), 3),
+                "longest_first_vs_given_order_tokens_ratio": round(median.ratio() / given.ratio(), 3),
                 # the same over the run's steady phase (Timeline): what a long run (the paper's
                 # 1000 chains per problem) keeps up
                 "agent_steady_vs_raw_tokens_ratio": round(median.steady_ratio(), 3),
