@@ -10,9 +10,9 @@ finishes frees its place for the next one at once, so the engine never waits for
 step. A few spare chains (``window // 8``, at least one) run beside them: while a chain parses its reply and
 runs its call, a spare one can take its place. Chains are made as places free up, so memory holds
 ``window + spare`` chains however many are sampled.
-Chains start longest first (:class:`LongestFirst`): the problems whose chains are expected to run longest
-go first, so the chains left for the end of a run are short and the engine drains fast (with four windows'
-worth of chains the engine spends a tenth of its time on a drain that runs in the given order).
+Chains start longest expected first (:class:`LongestFirst`), so the chains left for the end of a run are
+short ones and the engine drains sooner: it matters where a step costs about the same for few sequences as
+for many (a GPU's decoding; ``bench/order.py``), not on a compute-bound CPU.
 Each chain's replies are seeded from its own seed and step (``fcdpo.agent.step_seed``), never from the
 order chains run in: the same seeds give the same chains on deterministic backends, in any order.
 
@@ -42,17 +42,22 @@ T = TypeVar("T")
 TOOL_THREADS = 8
 # a problem's own chains count against its task's mean as if the task had this many chains of its own
 PRIOR_CHAINS = 4
+# the heap of problems is keyed again when a task's mean length has moved by this share since it last was
+REKEY_DRIFT = 0.05
 
 
 class LongestFirst:
     """The order chains start in: longest expected first (the longest-processing-time rule), so the last
     chains of a run are short ones and the engine drains fast instead of waiting for a few long chains.
 
-    A problem's expected length is the mean completion tokens of its finished chains, shrunk toward its
-    task's mean (:data:`PRIOR_CHAINS`); a problem whose task has no finished chain yet is unknown and goes
-    first, so one window into a run every task is known. Ties keep the given order. Lengths are learnt as
-    chains finish (:meth:`finished`), and the problems are held in a heap re-keyed lazily: a pick costs
-    O(log problems), however many there are. ``learn=False`` keeps the given order.
+    A problem's expected length is its task's tokens per chain started, the tokens that running chains have
+    generated so far included (the chains that finish first are the short ones: a mean over finished chains
+    alone stayed at a fifth of FOL's length for a third of a run, and put it below arithmetic's), with the
+    problem's own chains counting beside :data:`PRIOR_CHAINS` chains at that mean. A task none of whose
+    chains has finished is unknown and goes first, so one window into a run every task is known. Ties keep
+    the given order. The problems wait in a heap by expected length, keyed again whenever a task's mean
+    has moved by :data:`REKEY_DRIFT` since it last was, and an entry that comes up stale is put back with
+    its new key: a pick costs O(log problems) between those. ``learn=False`` keeps the given order.
     """
 
     def __init__(self, todo: Iterable[tuple[Problem, Sequence[int]]], learn: bool = True):
@@ -63,17 +68,25 @@ class LongestFirst:
                 if problem.id in self.left:
                     raise ValueError(f"problem {problem.id!r} is given twice")
                 self.left[problem.id] = (problem, indices, [0])  # a range stays a range: no list per chain
-        self.heap = [(-math.inf, rank, pid) for rank, pid in enumerate(self.left)]
-        self.tasks: dict[str, list[float]] = {}  # task -> [tokens, chains]
-        self.problems: dict[str, list[float]] = {}  # problem id -> [tokens, chains]
+        self.rank = {pid: rank for rank, pid in enumerate(self.left)}
+        self.tasks: dict[str, list[float]] = {}  # task -> [tokens, chains started, chains finished]
+        self.problems: dict[str, list[float]] = {}  # problem id -> [tokens, chains started]
+        self.keyed: dict[str, float] = {}  # task -> its mean when the heap was last keyed
+        self.heap: list[tuple[float, int, str]] = []  # (-expected length, rank, problem id)
+        self.rekey()
 
     def expected(self, problem: Problem) -> float:
         """The chain length expected of ``problem`` (tokens); infinite while its task has none finished."""
         task = self.tasks.get(problem.task)
-        if task is None:
+        if task is None or not task[2]:
             return math.inf
-        own = self.problems.get(problem.id, [0.0, 0])
+        own = self.problems.get(problem.id, (0.0, 0))
         return (own[0] + PRIOR_CHAINS * task[0] / task[1]) / (own[1] + PRIOR_CHAINS)
+
+    def rekey(self) -> None:
+        self.heap = [(-self.expected(p), self.rank[pid], pid) for pid, (p, _, _) in self.left.items()]
+        heapq.heapify(self.heap)
+        self.keyed = {task: s[0] / s[1] for task, s in self.tasks.items() if s[2]}
 
     def take(self) -> tuple[Problem, int] | None:
         """The next chain to start, ``(problem, sample index)``; None when none is left."""
@@ -82,24 +95,36 @@ class LongestFirst:
             problem, indices, at = self.left[pid]
             now = -self.expected(problem)
             if now != key and not math.isclose(now, key, rel_tol=0.02):
-                heapq.heapreplace(self.heap, (now, rank, pid))  # re-keyed; the top may be another now
+                heapq.heapreplace(self.heap, (now, rank, pid))  # keyed again; the top may be another now
                 continue
             index = indices[at[0]]
             at[0] += 1
             if at[0] == len(indices):
                 heapq.heappop(self.heap)
                 del self.left[pid]
+            if self.learn:
+                self.tasks.setdefault(problem.task, [0.0, 0, 0])[1] += 1
+                self.problems.setdefault(problem.id, [0.0, 0])[1] += 1
             return problem, index
         return None
 
-    def finished(self, problem: Problem, tokens: int) -> None:
-        """Learn from a finished chain of ``problem`` that generated ``tokens``."""
-        if not self.learn:
-            return
-        for stats, key in ((self.tasks, problem.task), (self.problems, problem.id)):
-            s = stats.setdefault(key, [0.0, 0])
-            s[0] += tokens
-            s[1] += 1
+    def generated(self, problem: Problem, tokens: int) -> None:
+        """A running chain of ``problem`` (started by :meth:`take`) generated ``tokens`` more."""
+        if self.learn:
+            self.tasks[problem.task][0] += tokens
+            self.problems[problem.id][0] += tokens
+            self._moved(problem.task)
+
+    def finished(self, problem: Problem) -> None:
+        """A chain of ``problem`` finished (its tokens came through :meth:`generated`)."""
+        if self.learn:
+            self.tasks[problem.task][2] += 1
+            self._moved(problem.task)
+
+    def _moved(self, task: str) -> None:
+        s, keyed = self.tasks[task], self.keyed.get(task)
+        if s[2] and (keyed is None or abs(s[0] / s[1] - keyed) > REKEY_DRIFT * keyed):
+            self.rekey()
 
 
 async def roll_out(
@@ -139,14 +164,14 @@ async def roll_out(
                     prompt = chain.builder.render(chain.problem, chain.messages)
                     async with engine_places:
                         reply = await session.agenerate(prompt, replace(sampling, seed=step_seed(chain)))
+                    order.generated(problem, reply.completion_tokens)
                     if on_reply:
                         on_reply(reply.completion_tokens)
                     await agent.astep(chain, reply, tools)
             finally:
                 session.close()
-            record = chain.to_record()
-            order.finished(problem, record.completion_tokens)
-            on_done(record)
+            order.finished(problem)
+            on_done(chain.to_record())
 
     try:
         await asyncio.gather(*(place() for _ in range(window + spare_chains(window))))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from fcdpo.agent import (
@@ -209,33 +211,40 @@ def _problem(pid, task):
 
 
 def test_chains_start_longest_expected_first():
-    """Longest processing time first, learnt as chains finish: a task with no finished chain is unknown
-    and goes first, then the longest expected; a problem's own chains move it within its task."""
+    """Longest processing time first, learnt as chains run: a task none of whose chains has finished is
+    unknown and goes first, then the longest expected; a problem's own chains move it within its task."""
     a, b, c, d = _problem("a", "short"), _problem("b", "long"), _problem("c", "long"), _problem("d", "short")
     order = LongestFirst([(a, range(3)), (b, range(3)), (c, [0, 2]), (d, range(2)), (_problem("e", "x"), [])])
     taken = [order.take()]
-    order.finished(a, 10)
+    order.generated(a, 10)
+    order.finished(a)
     taken.append(order.take())  # "short" is known now, "long" is not: it goes first
-    order.finished(b, 100)
+    order.generated(b, 100)
+    assert (
+        order.expected(c) == math.inf
+    )  # a running chain's tokens count, but its task is known once one ends
+    order.finished(b)
     taken += iter(order.take, None)
     assert [(p.id, i) for p, i in taken] == [
         ("a", 0), ("b", 0), ("b", 1), ("b", 2), ("c", 0), ("c", 2), ("a", 1), ("a", 2), ("d", 0), ("d", 1),
     ]  # fmt: skip
-    # within a task: a problem's mean shrunk toward the task's (four chains at the task's mean)
+    # within a task: the tokens per chain started (running chains' tokens so far too), and a problem's own
+    # chains beside four at that mean
     x, y, z = _problem("x", "t"), _problem("y", "t"), _problem("z", "t")
     order = LongestFirst([(x, range(3)), (y, range(3)), (z, range(3))])
-    assert [order.take()[0].id for _ in range(2)] == ["x", "x"]
-    order.finished(x, 10)
-    order.finished(x, 10)
-    assert order.take()[0].id == "x"  # every problem expects 10 tokens now: the given order
-    order.finished(y, 70)  # the task's mean is 30
-    assert order.expected(y) == (70 + 4 * 30) / 5 and order.expected(x) == (20 + 4 * 30) / 6
-    assert [order.take()[0].id for _ in range(6)] == ["y", "y", "y", "z", "z", "z"]
+    assert order.take()[0].id == "x"
+    order.generated(x, 10)
+    order.finished(x)
+    assert [order.take()[0].id for _ in range(3)] == ["x", "x", "y"]  # all expect the same: given order
+    order.generated(y, 70)  # y's first chain is still running: 80 tokens over 4 chains started
+    assert order.expected(y) == (70 + 4 * 20) / 5 and order.expected(z) == 20
+    assert [order.take()[0].id for _ in range(5)] == ["y", "y", "z", "z", "z"]
     assert order.take() is None
-    # learn=False: the given order, whatever finishes
+    # learn=False: the given order, whatever runs
     order = LongestFirst([(a, range(2)), (b, range(2))], learn=False)
     taken = [order.take()]
-    order.finished(a, 1)
+    order.generated(a, 1)
+    order.finished(a)
     taken += iter(order.take, None)
     assert [(p.id, i) for p, i in taken] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
     with pytest.raises(ValueError, match="'a' is given twice"):
@@ -244,8 +253,8 @@ def test_chains_start_longest_expected_first():
 
 @pytest.mark.parametrize("longest_first", [True, False])
 def test_the_rollout_learns_chain_lengths_and_leaves_short_chains_for_the_end(longest_first):
-    """roll_out feeds each finished chain's completion tokens to its order: long chains (task "long")
-    start before the short ones left, so the run ends on short chains."""
+    """roll_out tells its order each reply's tokens and each chain's end: long chains (task "long") start
+    before the short ones left, so the run ends on short chains."""
     import asyncio
 
     from fcdpo.rollout import roll_out, run_sync
