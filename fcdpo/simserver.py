@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,6 +243,40 @@ def parse_problems(spec: str) -> list[Problem]:
             kw[k] = int(v) if v.lstrip("-").isdigit() else v
         out += list(load_source(name, **kw))
     return out
+
+
+@contextlib.contextmanager
+def simulated_engine(problems: str, *options: str) -> Iterator[dict[str, Any]]:
+    """The simulated engine (``python -m fcdpo.simserver``) in a process of its own on a free port, serving
+    ``problems`` (its ``--problems`` spec: the same sources as the run's config) with ``options`` (its
+    command-line options); yields a dict with its base URL as ``url``, and at the end its ``/stats`` as
+    ``stats``."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fcdpo.simserver", "--problems", problems, "--port", str(port), *options],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    box: dict[str, Any] = {"url": url}
+    try:
+        first = server.stdout.readline() if server.stdout else ""
+        if "simulated engine" not in first:
+            raise RuntimeError(
+                f"the simulated engine did not start: {first}{server.stdout and server.stdout.read()}"
+            )
+        yield box
+        with urllib.request.urlopen(f"{url}/stats", timeout=5) as r:
+            box["stats"] = json.load(r)
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,3 @@
-import contextlib
 import os
 import shutil
 import tempfile
@@ -230,36 +229,6 @@ def tiny_run_config(tmp_path, tiny_model, **over):
             d = d.setdefault(p, {})
         d[last] = v
     return RunConfig.model_validate(data)
-
-
-@contextlib.contextmanager
-def simulated_engine(problems: str, *options: str):
-    """The simulated engine (``python -m fcdpo.simserver``) in a process of its own on a free port, serving
-    ``problems`` (its ``--problems`` spec: the same sources as the run's config); yields its base URL, and
-    at the end its ``/stats``, in the dict it yields as ``stats``."""
-    import json
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fcdpo.simserver", "--problems", problems, "--port", str(port), *options],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/v1"
-    box = {"url": url}
-    try:
-        assert "simulated engine" in server.stdout.readline()
-        yield box
-        with urllib.request.urlopen(f"{url}/stats", timeout=5) as r:
-            box["stats"] = json.load(r)
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,11 @@ from conftest import (
     check_mlflow_record,
     expected_outputs,
     run_outputs,
-    simulated_engine,
     summary_results,
     tiny_run_config,
 )
+
+from fcdpo.simserver import simulated_engine
 
 pytest.importorskip("prefect")
 ROOT = Path(__file__).resolve().parents[1]

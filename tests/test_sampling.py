@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import simulated_engine
 
 import fcdpo.sampling as sampling_mod
 from fcdpo.agent import Agent, AgentLimits, Demonstration, PromptSpec
@@ -21,6 +20,7 @@ from fcdpo.labelling import AutoLabeller
 from fcdpo.problems import load_source
 from fcdpo.records import read_jsonl
 from fcdpo.sampling import recover, sample_shard, sample_shards, shard_spec, split_shards
+from fcdpo.simserver import simulated_engine
 
 
 @pytest.fixture(scope="module")
