@@ -5,8 +5,8 @@ Real parts: the simulated OpenAI-compatible engine (``fcdpo.simserver``: real HT
 process of its own; its default cost model, an assumed GPU worker: a step costs 20 ms + 0.3 ms per running
 sequence, at most ``--max-batch`` of them) and the sampler (``fcdpo.sampling.sample_shard``, the openai
 backend, its default window: the engine's batch plus a quarter). The problems mix the two tasks (FOL's
-oracle chains generate ~5x arithmetic's tokens), interleaved as a shuffled split mixes them, with
-``--samples`` chains each: ``--windows`` windows' worth of chains, so the last window's chains drain.
+oracle chains generate ~3x arithmetic's tokens), interleaved as a shuffled split mixes them, with
+``--samples`` chains each (by default 1024 chains, 3.2 windows' worth), so the last window's chains drain.
 
 ``--quads`` quads of runs in the order given, longest first, longest first, given (a drift that runs one
 way through a quad cancels); each quad's ratio is its longest-first chains/s over its given-order ones,
