@@ -52,8 +52,9 @@ class LongestFirst:
 
     A problem's expected length is its task's tokens per chain started, the tokens that running chains have
     generated so far included (the chains that finish first are the short ones: a mean over finished chains
-    alone stayed at a fifth of FOL's length for a third of a run, and put it below arithmetic's), with the
-    problem's own chains counting beside :data:`PRIOR_CHAINS` chains at that mean. A task none of whose
+    alone gave FOL's oracle chains 23.6 tokens against arithmetic's 25.5 six seconds into a 30 s run on the
+    simulated engine, where they ended at 102.8 and 30.8), with the problem's own chains counting beside
+    :data:`PRIOR_CHAINS` chains at that mean. A task none of whose
     chains has finished is unknown and goes first, so one window into a run every task is known. Ties keep
     the given order. The problems wait in a heap by expected length, keyed again whenever a task's mean
     has moved by :data:`REKEY_DRIFT` since it last was, and an entry that comes up stale is put back with
@@ -141,11 +142,10 @@ async def roll_out(
 ) -> None:
     """Run a chain for each ``(problem, sample indices)`` of ``todo`` and each index (seeded
     ``chain_seed(base_seed, problem id, index)``), longest expected first (:class:`LongestFirst`; else in
-    the given order), at most
-    ``window`` requests in the engine at once (and :func:`spare_chains` more chains between requests);
-    ``on_done`` gets each chain's record as it finishes (in finishing order), ``on_start`` is called as
-    each chain starts and ``on_reply`` with the tokens of each reply (progress while chains are still
-    running)."""
+    the given order), at most ``window`` requests in the engine at once (and :func:`spare_chains` more
+    chains between requests); ``on_done`` gets each chain's record as it finishes (in finishing order),
+    ``on_start`` is called as each chain starts and ``on_reply`` with the tokens of each reply (progress
+    while chains are still running)."""
     order = LongestFirst(todo, learn=longest_first)
     tools = concurrent.futures.ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="fcdpo-tool")
     window = max(1, window or default_window(backend.max_in_flight))
