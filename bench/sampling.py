@@ -419,31 +419,28 @@ def main() -> None:
     # chains' mean length
     warm = sampler_run(be)[0]
     before = raw_run(be, warm)[4]
+
     # --rounds alternations of the sampler's run (the same chains and seeds each time) and raw runs: each
     # round is compared with the raw runs on both sides of it, and the median round counts
-    rounds = []
-    for _ in range(args.rounds):
+    def timed_round(before, longest_first=True):
+        """One sampler run and the raw runs right after it, against ``before`` (the raw runs before it)."""
         turns0 = be.turn_stats()  # None: no TurnScheduler (--turn-wait 0)
         steal0 = cpu_steal()
-        run = sampler_run(be)
+        run = sampler_run(be, longest_first)
         steal1, turns1 = cpu_steal(), be.turn_stats()
         raw = raw_run(be, run[0])
-        rounds.append(
-            Round(
-                run, raw, before, {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None,
-                steal_share(steal0, steal1), steal_share(steal1, cpu_steal()),
-            )
+        return Round(
+            run, raw, before, {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None,
+            steal_share(steal0, steal1), steal_share(steal1, cpu_steal()),
         )  # fmt: skip
-        before = raw[4]
+
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append(timed_round(before))
+        before = rounds[-1].raw[4]
     median = sorted(rounds, key=Round.ratio)[len(rounds) // 2]
     # one more round with the chains started in the given order (problem by problem), not longest first
-    turns0, steal0 = be.turn_stats(), cpu_steal()
-    run = sampler_run(be, longest_first=False)
-    steal1, turns1 = cpu_steal(), be.turn_stats()
-    given = Round(
-        run, raw_run(be, run[0]), before, {k: turns1[k] - turns0[k] for k in turns0} if turns0 and turns1 else None,
-        steal_share(steal0, steal1), steal_share(steal1, cpu_steal()),
-    )  # fmt: skip
+    given = timed_round(before, longest_first=False)
     sess, _, sess_trace, sess_client_cpu, (_, sess_steady_share) = median.run
     _, _, sess_raw_trace, _, sess_raw_runs = median.raw
     turned = median.turns
