@@ -98,7 +98,8 @@ def test_binding_rejects_bad_arguments_with_usage(call, message):
 def test_answer_and_stop_update_only_their_own_chain():
     ts = TOOLSETS.get("arithmetic")
     a, b = ts.instantiate(), ts.instantiate()
-    run("arithmetic", "Answer(value=5)", a)
+    assert run("arithmetic", 'Reasoning("five")', a) == "Recorded."
+    assert run("arithmetic", "Answer(value=5)", a) == "Answer 5 recorded."
     run("arithmetic", "Stop()", a)
     assert (a[0].answer, a[0].answered, a[0].stopped) == (5, True, True)
     assert (b[0].answer, b[0].answered, b[0].stopped) == (None, False, False)
@@ -107,10 +108,9 @@ def test_answer_and_stop_update_only_their_own_chain():
 
 def test_fol_toolset_premises_and_prover():
     env_fns = TOOLSETS.get("fol").instantiate()
-    assert run("fol", 'Premise(statement="forall x: Cat(x) implies Mammal(x)")', env_fns) == (
-        "Premise 1 recorded: forall x: Cat(x) implies Mammal(x)"
-    )
-    assert run("fol", 'Premise("Cat(Tom)")', env_fns).startswith("Premise 2 recorded: Cat(tom)")
+    # the formula is echoed only where it was read differently from how it was written
+    assert run("fol", 'Premise(statement="forall x: Cat(x) implies Mammal(x)")', env_fns) == "Recorded."
+    assert run("fol", 'Premise("Cat(Tom)")', env_fns) == "Recorded as: Cat(tom)"
     assert run("fol", 'Prove("Mammal(tom)")', env_fns) == "True"
     assert run("fol", 'Prove("not Mammal(tom)")', env_fns) == "False"
     assert run("fol", 'Prove("Dog(tom)")', env_fns) == "Unknown"

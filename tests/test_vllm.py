@@ -284,10 +284,10 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
     prompt, rest = with_demonstrations(PromptSpec(), problems, 1, LIMITS.model_copy(update={"max_steps": 64}))
     agent = Agent(prompt, LIMITS, model_id="m")
     turns = [
-        ('Reasoning("Tom has 3 apples, so 3 + 4 = 7.")', "The reasoning has been recorded."),
+        ('Reasoning("Tom has 3 apples, so 3 + 4 = 7.")', "Recorded."),
         ("Add(3, 4)", "7"),
         ("Add(3,  4) # 'café' – ünïcode ✓", "Error: a\n\nmulti-line\n result\n"),
-        ('Answer("7")', "The answer '7' has been recorded."),
+        ('Answer("7")', "Answer '7' recorded."),
     ]
 
     def run(lines, tokenizer):

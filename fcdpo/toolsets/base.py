@@ -185,7 +185,7 @@ class Reasoning(Function):
     example = 'Reasoning(reasoning="I need to add the two amounts")'
 
     def __call__(self, reasoning: str) -> str:
-        return "The reasoning has been recorded."
+        return "Recorded."
 
 
 class Answer(Function):
@@ -196,7 +196,7 @@ class Answer(Function):
     def __call__(self, value: float | str | bool) -> str:
         self.env.answer = value
         self.env.answered = True
-        return f"The answer {value!r} has been recorded."
+        return f"Answer {value!r} recorded."
 
 
 class Stop(Function):

@@ -35,7 +35,10 @@ class Premise(Function):
             f = th.add(statement)
         except FolSyntaxError as e:
             raise FunctionError(f"the premise was not recorded: {e}") from None
-        return f"Premise {len(th.premises)} recorded: {to_text(f)}"
+        text = to_text(f)
+        # every turn's result is prompt the engine computes: echo the formula only where it was read
+        # differently from how it was written (constants in lower case, spacing), so the model sees that
+        return "Recorded." if text == statement.strip() else f"Recorded as: {text}"
 
 
 class Prove(Function):
