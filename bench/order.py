@@ -66,20 +66,16 @@ def main() -> None:
             s0 = stats()
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as d:
-                # the shard's progress callback is the bar; the starts are timed by wrapping new_chain
-                new_chain = agent.new_chain
-
-                def timed(*a, **kw):
-                    starts.append(time.perf_counter())
-                    return new_chain(*a, **kw)
-
-                agent.new_chain = timed
-                try:
-                    res = sample_shard(
-                        agent, backend, problems, args.samples, sp, d, longest_first=longest_first
-                    )
-                finally:
-                    del agent.new_chain
+                res = sample_shard(
+                    agent,
+                    backend,
+                    problems,
+                    args.samples,
+                    sp,
+                    d,
+                    longest_first=longest_first,
+                    on_start=lambda: starts.append(time.perf_counter()),
+                )
             seconds = time.perf_counter() - t0
             s1 = stats()
             tokens = s1["tokens"] - s0["tokens"]

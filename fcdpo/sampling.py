@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,12 +224,13 @@ def sample_shard(
     labeller: AutoLabeller | None = None,
     window: int | None = None,
     longest_first: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> ShardResult:
     """``samples`` chains for each problem, labelled by ``labeller`` (default: auto, Stop() required) as
     they finish, appended to the shard file under ``out_dir`` named by the shard's identity. ``window``:
     requests in flight at once (default: what the backend batches plus a quarter queued,
     ``fcdpo.backends.default_window``); ``longest_first``: start the chains longest expected first
-    (``fcdpo.rollout.LongestFirst``), else in the given order."""
+    (``fcdpo.rollout.LongestFirst``), else in the given order; ``on_start``: called as each chain starts."""
     [result] = sample_shards(
         agent,
         backend,
@@ -242,6 +243,7 @@ def sample_shard(
         labeller,
         window,
         longest_first=longest_first,
+        on_start=on_start,
     )
     return result
 
@@ -275,6 +277,7 @@ def sample_shards(
     labeller: AutoLabeller | None = None,
     window: int | None = None,
     longest_first: bool = True,
+    on_start: Callable[[], None] | None = None,
 ) -> list[ShardResult]:
     """:func:`sample_shard` for several shards in *one* rollout window: each chain's record goes to its
     shard's file, and the engine never drains at the end of a shard while the next waits (the last chains
@@ -303,10 +306,15 @@ def sample_shards(
     def write(r: ChainRecord) -> None:
         writers[owner[r.problem_id]].write(r)
 
+    def start() -> None:
+        bar.start()
+        if on_start is not None:
+            on_start()
+
     try:
         run_sync(
             roll_out(
-                agent, backend, todo, sampling, write, window, bar.start, bar.reply, base_seed, longest_first
+                agent, backend, todo, sampling, write, window, start, bar.reply, base_seed, longest_first
             )
         )
     finally:

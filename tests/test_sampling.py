@@ -71,7 +71,11 @@ def test_changed_inputs_start_a_new_shard_file(problems, tmp_path):
 
 def test_recover_cuts_a_torn_tail_and_resumes_exactly(problems, tmp_path):
     be = OracleBackend(list(problems), error_rate=0.3)
-    full = sample_shard(Agent(), be, problems, 3, SamplingParams(), tmp_path / "full")
+    starts: list[int] = []
+    full = sample_shard(
+        Agent(), be, problems, 3, SamplingParams(), tmp_path / "full", on_start=lambda: starts.append(1)
+    )
+    assert len(starts) == 36  # on_start: once per chain started
     reference = {r.key: r for r in read_jsonl(full.path)}
     # a writer killed after 10 records, in the middle of the 11th
     lines = full.path.read_text().splitlines(keepends=True)
@@ -81,8 +85,9 @@ def test_recover_cuts_a_torn_tail_and_resumes_exactly(problems, tmp_path):
     torn.write_text("".join(lines[:10]) + lines[10][:37])
     assert len(recover(torn)) == 10 and torn.read_text() == "".join(lines[:10])
     torn.write_text("".join(lines[:10]) + lines[10][:37])
-    res = sample_shard(Agent(), be, problems, 3, SamplingParams(), part)
-    assert (res.resumed, res.sampled) == (10, 26)
+    starts.clear()
+    res = sample_shard(Agent(), be, problems, 3, SamplingParams(), part, on_start=lambda: starts.append(1))
+    assert (res.resumed, res.sampled, len(starts)) == (10, 26, 26)
     got = list(read_jsonl(torn))
     assert len(got) == 36 and {r.key: r for r in got} == reference
 
