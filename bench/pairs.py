@@ -45,7 +45,7 @@ def synthetic_chains(problems, per_problem: int, seed: int = 0):
                 answer, stop = None, "try_limit"
             else:
                 msgs += [Message(role="assistant", content=f"Answer(value={answer})"),
-                         Message(role="user", content=f"Answer {answer} recorded."),
+                         Message(role="user", content="Recorded."),
                          Message(role="assistant", content="Stop()")]  # fmt: skip
             yield ChainRecord(
                 problem_id=p.id, task=p.task, sample_index=i, seed=i, prompt_hash="bench", model_id="synthetic",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,8 +130,10 @@ def parse_call(reply: str, max_chars: int = DEFAULT_MAX_REPLY_CHARS) -> ParsedCa
             warnings.simplefilter("ignore")
             tree = ast.parse(text, mode="exec")
     except SyntaxError as e:
-        where = f" (line {e.lineno}, column {e.offset})" if e.lineno else ""
-        raise CallSyntaxError(f"invalid syntax: {e.msg}{where}. {_EXAMPLE}") from None
+        msg, where = e.msg, f" (line {e.lineno}, column {e.offset})" if e.lineno else ""
+        if e.lineno and "\n" not in text:  # one line (replies are): the column says where, once
+            msg, where = re.sub(r" \(detected at line \d+\)$", "", msg), f" (column {e.offset})"
+        raise CallSyntaxError(f"invalid syntax: {msg}{where}. {_EXAMPLE}") from None
     except (RecursionError, MemoryError, ValueError, OverflowError) as e:
         # deeply nested expressions, absurd literals, null bytes
         raise CallSyntaxError(f"the reply could not be parsed ({type(e).__name__}). {_EXAMPLE}") from None

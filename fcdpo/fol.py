@@ -149,9 +149,10 @@ class _Parser:
         return self.toks[self.i][0] if self.i < len(self.toks) else None
 
     def where(self) -> str:
+        """Where the parser stands, and what it found there."""
         if self.i < len(self.toks):
             tok, pos = self.toks[self.i]
-            return f"at position {pos} ({tok!r})"
+            return f"at position {pos}, found {tok!r}"
         return "at the end of the statement"
 
     def take(self, expected: str | None = None) -> str:
@@ -167,7 +168,8 @@ class _Parser:
             raise FolSyntaxError("the statement is empty")
         f = self.iff()
         if self.peek() is not None:
-            raise FolSyntaxError(f"unexpected {self.peek()!r} {self.where()}; is an 'and'/'or' missing?")
+            tok, pos = self.toks[self.i]
+            raise FolSyntaxError(f"unexpected {tok!r} at position {pos}; is an 'and'/'or' missing?")
         return f
 
     def _enter(self) -> None:
@@ -245,8 +247,7 @@ class _Parser:
     def name(self, what: str) -> str:
         tok = self.peek()
         if tok is None or tok in KEYWORDS or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tok):
-            found = "nothing" if tok is None else repr(tok)
-            raise FolSyntaxError(f"expected {what} {self.where()}, found {found}")
+            raise FolSyntaxError(f"expected {what} {self.where()}")
         self.i += 1
         return tok
 

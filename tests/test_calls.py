@@ -142,6 +142,8 @@ def test_rejection_messages_say_what_is_wrong():
     # every rejection says what is allowed, never an AST class name
     assert all("UnaryOp" not in m and "BinOp" not in m for m in msg.values())
     assert "arguments must be literal values" in _step("Answer(~1)")[0].messages[1].content
+    # a reply is one line: the column says where, once (no "(detected at line 1) (line 1, column 15)")
+    assert msg["unterminated"].startswith("Error: invalid syntax: unterminated string literal (column 11). ")
 
 
 def test_every_record_serialises_whatever_the_model_wrote():

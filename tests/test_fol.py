@@ -47,6 +47,22 @@ def test_to_text_round_trips():
         assert parse_formula(to_text(parse_formula(s))) == parse_formula(s)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("Green(rosa) is", "unexpected 'is' at position 13; is an 'and'/'or' missing?"),
+        ("Cat(a b)", "expected ')' at position 7, found 'b'"),
+        ("forall x Cat(x)", "expected ':' after the quantified variables at position 10, found 'Cat'"),
+        ("and", "expected a predicate like Cat(x) at position 1, found 'and'"),
+        ("Cat(", "expected a name inside the parentheses at the end of the statement"),
+    ],
+)
+def test_syntax_errors_say_where_and_what_was_found_once(text, message):
+    with pytest.raises(FolSyntaxError) as e:
+        parse_formula(text)
+    assert str(e.value) == message
+
+
 def test_nesting_limit_is_an_error_not_a_crash():
     with pytest.raises(FolSyntaxError, match="nested"):
         parse_formula("not " * 150 + "A(x)")

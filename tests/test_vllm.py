@@ -287,7 +287,7 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
         ('Reasoning("Tom has 3 apples, so 3 + 4 = 7.")', "Recorded."),
         ("Add(3, 4)", "7"),
         ("Add(3,  4) # 'café' – ünïcode ✓", "Error: a\n\nmulti-line\n result\n"),
-        ('Answer("7")', "Answer '7' recorded."),
+        ('Answer("7")', "Recorded."),
     ]
 
     def run(lines, tokenizer):

@@ -196,7 +196,8 @@ class Answer(Function):
     def __call__(self, value: float | str | bool) -> str:
         self.env.answer = value
         self.env.answered = True
-        return f"Answer {value!r} recorded."
+        # the value is in the call right above: repeating it would be prompt that every chain computes
+        return "Recorded."
 
 
 class Stop(Function):
