@@ -30,7 +30,7 @@ def synthetic_chains(problems, per_problem: int, seed: int = 0):
         for i in range(per_problem):
             kind = rng.random()
             msgs = [Message(role="assistant", content='Reasoning(reasoning="I follow the story one step at a time.")'),
-                    Message(role="user", content="Recorded.")]  # fmt: skip
+                    Message(role="user", content="")]  # fmt: skip
             for _ in range(rng.randint(1, 4)):
                 a, b = rng.randint(1, 99), rng.randint(1, 99)
                 msgs += [
@@ -45,7 +45,7 @@ def synthetic_chains(problems, per_problem: int, seed: int = 0):
                 answer, stop = None, "try_limit"
             else:
                 msgs += [Message(role="assistant", content=f"Answer(value={answer})"),
-                         Message(role="user", content="Recorded."),
+                         Message(role="user", content=""),
                          Message(role="assistant", content="Stop()")]  # fmt: skip
             yield ChainRecord(
                 problem_id=p.id, task=p.task, sample_index=i, seed=i, prompt_hash="bench", model_id="synthetic",

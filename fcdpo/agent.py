@@ -34,7 +34,7 @@ from fcdpo.records import CallRecord, ChainRecord, Message
 from fcdpo.schema import ConfigModel
 from fcdpo.toolsets import TOOLSETS, ChainEnv, Function, FunctionError, Toolset
 
-TEMPLATE_VERSION = "fcdpo-agent-v1"
+TEMPLATE_VERSION = "fcdpo-agent-v2"  # v2: an empty result shows no line
 # The prompt ends at ">>>" and the model's reply starts with the space: ending a prompt in a space puts
 # an unnatural token boundary there (the demonstrations tokenise ">>> Add" as ">>>", " Add"), and the
 # 270M base model then wrote "25 = Add(...)" instead of a call.
@@ -93,9 +93,14 @@ class AgentLimits(ConfigModel):
 
 
 def _transcript_turns(messages: Sequence[Message]) -> str:
+    """The turns after the prompt. As in a Python REPL, a call whose result is empty (``Reasoning``,
+    ``Answer``) shows no result line: the next prompt follows its call at once."""
     out = []
     for m in messages:
-        out.append(f" {m.content}\n" if m.role == "assistant" else f"{m.content}\n{CALL_PREFIX}")
+        if m.role == "assistant":
+            out.append(f" {m.content}\n")
+        else:
+            out.append(f"{m.content}\n{CALL_PREFIX}" if m.content else CALL_PREFIX)
     return "".join(out)
 
 

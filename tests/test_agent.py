@@ -78,6 +78,32 @@ def test_prompt_hash_versions_template_toolset_and_demos():
     assert PromptBuilder(ts, PromptSpec(demonstrations={"fol": [demo]})).hash == h  # other toolset's demos
 
 
+def test_a_call_with_an_empty_result_shows_no_result_line():
+    """As in a Python REPL: Reasoning and Answer report nothing, so the next prompt follows their line."""
+    demo = Demonstration(
+        question="What is 1+1?",
+        steps=[
+            ("Reasoning(reasoning='add')", ""),
+            ("Add(a=1, b=1)", "2"),
+            ("Answer(value=2)", ""),
+            ("Stop()", ""),
+        ],
+    )
+    b = PromptBuilder(TOOLSETS.get("arithmetic"), PromptSpec(demonstrations={"arithmetic": [demo]}))
+    assert (
+        "1+1?\n>>> Reasoning(reasoning='add')\n>>> Add(a=1, b=1)\n2\n>>> Answer(value=2)\n>>> Stop()\n"
+        in b.header
+    )
+    backend = Script({P.question: ['Reasoning("add")', "Add(a=2, b=3)", "Answer(value=5)", "Stop()"]})
+    agent = Agent(model_id="m")
+    [r] = run_chains(agent, backend, [P])
+    assert [m.content for m in r.messages if m.role == "user"] == ["", "5", ""]
+    text = agent.builder("arithmetic").render(P, r.messages)
+    assert text.endswith(
+        f'{P.question}\n>>> Reasoning("add")\n>>> Add(a=2, b=3)\n5\n>>> Answer(value=5)\n>>> Stop()\n'
+    )
+
+
 @pytest.mark.parametrize("fmt", ["transcript", "chat"])
 def test_render_is_initial_plus_completion_byte_for_byte(fmt):
     b = PromptBuilder(TOOLSETS.get("arithmetic"), PromptSpec(format=fmt))

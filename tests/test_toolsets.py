@@ -98,8 +98,9 @@ def test_binding_rejects_bad_arguments_with_usage(call, message):
 def test_answer_and_stop_update_only_their_own_chain():
     ts = TOOLSETS.get("arithmetic")
     a, b = ts.instantiate(), ts.instantiate()
-    assert run("arithmetic", 'Reasoning("five")', a) == "Recorded."
-    assert run("arithmetic", "Answer(value=5)", a) == "Recorded."
+    # nothing to report: an empty result, which the transcript shows as no line
+    assert run("arithmetic", 'Reasoning("five")', a) == ""
+    assert run("arithmetic", "Answer(value=5)", a) == ""
     run("arithmetic", "Stop()", a)
     assert (a[0].answer, a[0].answered, a[0].stopped) == (5, True, True)
     assert (b[0].answer, b[0].answered, b[0].stopped) == (None, False, False)

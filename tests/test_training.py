@@ -55,7 +55,9 @@ def test_only_the_models_own_turns_are_scored(pairs, tokenizer):
             scored = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
             unscored = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if not m])
             assert scored == "".join(f" {m.content}\n" for m in turns if m.role == "assistant")
-            assert unscored == "".join(f"{m.content}\n>>>" for m in turns if m.role == "user")
+            # a result's line and the next call prefix; an empty result (Reasoning, Answer) shows no line
+            results = [f"{m.content}\n>>>" if m.content else ">>>" for m in turns if m.role == "user"]
+            assert unscored == "".join(results)
 
 
 def test_without_masking_the_whole_completion_is_scored(pairs, tokenizer):

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 from conftest import gsm8k_style_file, random_lora_adapter
 
-from fcdpo.agent import Agent, AgentLimits, PromptSpec
+from fcdpo.agent import Agent, AgentLimits, PromptSpec, _transcript_turns
 from fcdpo.backends import SamplingParams
 from fcdpo.demos import with_demonstrations
 from fcdpo.problems import ProblemSet, load_source
-from fcdpo.records import read_jsonl
+from fcdpo.records import Message, read_jsonl
 from fcdpo.sampling import sample_shard
 
 pytestmark = pytest.mark.slow
@@ -283,11 +283,12 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
     )
     prompt, rest = with_demonstrations(PromptSpec(), problems, 1, LIMITS.model_copy(update={"max_steps": 64}))
     agent = Agent(prompt, LIMITS, model_id="m")
-    turns = [
-        ('Reasoning("Tom has 3 apples, so 3 + 4 = 7.")', "Recorded."),
+    turns = [  # an empty result shows no line: the next ">>>" follows the call's line break at once
+        ('Reasoning("Tom has 3 apples, so 3 + 4 = 7.")', ""),
         ("Add(3, 4)", "7"),
         ("Add(3,  4) # 'café' – ünïcode ✓", "Error: a\n\nmulti-line\n result\n"),
-        ('Answer("7")', "Recorded."),
+        ('Answer("7")', ""),
+        ('Premise("Cat(Tom)")', "Recorded as: Cat(tom)"),
     ]
 
     def run(lines, tokenizer):
@@ -296,7 +297,9 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
             for reply, result in turns:
                 ids, cut = lines(text, cut)
                 assert ids == tokenizer.encode(text)
-                text += f" {reply}\n{result}\n>>>"
+                text += _transcript_turns(
+                    [Message(role="assistant", content=reply), Message(role="user", content=result)]
+                )
 
     lines = _LineTokens(tok, newline_ids)
     lines.checks = 0  # no whole-prompt checks: the pieces alone must add up

@@ -185,7 +185,7 @@ class Reasoning(Function):
     example = 'Reasoning(reasoning="I need to add the two amounts")'
 
     def __call__(self, reasoning: str) -> str:
-        return "Recorded."
+        return ""  # nothing to report: no result line (see fcdpo.agent._transcript_turns)
 
 
 class Answer(Function):
@@ -196,8 +196,9 @@ class Answer(Function):
     def __call__(self, value: float | str | bool) -> str:
         self.env.answer = value
         self.env.answered = True
-        # the value is in the call right above: repeating it would be prompt that every chain computes
-        return "Recorded."
+        # nothing to report (the value is in the call right above): no result line, as in a Python REPL;
+        # every result is prompt that every chain computes
+        return ""
 
 
 class Stop(Function):
