@@ -104,6 +104,16 @@ def _transcript_turns(messages: Sequence[Message]) -> str:
     return "".join(out)
 
 
+# A chat turn cannot be left out the way a transcript line can, and an empty message reads to a chat model
+# as one that did not come: there, a call with nothing to report says so.
+NO_RESULT = "(no result)"
+
+
+def chat_turn(m: Message) -> dict[str, str]:
+    """One message as a chat turn (``prompt.format: chat``); an empty result says :data:`NO_RESULT`."""
+    return {"role": m.role, "content": m.content if m.content or m.role == "assistant" else NO_RESULT}
+
+
 class PromptBuilder:
     """Renders the prompt of one toolset. ``render(problem, messages)`` is used both for sampling and,
     split as ``initial(problem)`` + ``completion(messages)``, for training pairs: byte-identical."""
@@ -148,7 +158,7 @@ class PromptBuilder:
     def completion(self, messages: Sequence[Message]) -> Prompt:
         if self.spec.format == "transcript":
             return _transcript_turns(messages)
-        return [{"role": m.role, "content": m.content} for m in messages]
+        return [chat_turn(m) for m in messages]
 
     def render(self, problem: Problem, messages: Sequence[Message]) -> Prompt:
         init = self.initial(problem)

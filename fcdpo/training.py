@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from fcdpo.agent import PromptBuilder, PromptSpec, resolve_format
+from fcdpo.agent import PromptBuilder, PromptSpec, chat_turn, resolve_format
 from fcdpo.hashing import digest, file_sha256
 from fcdpo.memory import TrainPlan, on_gpu, plan_training
 from fcdpo.models import cpu_has_bf16
@@ -146,7 +146,7 @@ def chat_segments(tokenizer, prompt: list[dict], messages: Sequence[Message]) ->
     for m in messages:
         if m.role == "assistant":
             start = len(render(msgs, True))
-        msgs.append({"role": m.role, "content": m.content})
+        msgs.append(chat_turn(m))
         cur = render(msgs, False)
         if not cur.startswith(prev):
             raise ValueError(

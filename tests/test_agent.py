@@ -4,6 +4,7 @@ import pytest
 
 from fcdpo.agent import (
     CALL_PREFIX,
+    NO_RESULT,
     Agent,
     AgentLimits,
     Demonstration,
@@ -102,6 +103,9 @@ def test_a_call_with_an_empty_result_shows_no_result_line():
     assert text.endswith(
         f'{P.question}\n>>> Reasoning("add")\n>>> Add(a=2, b=3)\n5\n>>> Answer(value=5)\n>>> Stop()\n'
     )
+    # a chat turn cannot be left out, and an empty message reads as none: it says there was no result
+    chat = Agent(PromptSpec(format="chat")).builder("arithmetic").completion(r.messages)
+    assert [m["content"] for m in chat if m["role"] == "user"] == [NO_RESULT, "5", NO_RESULT]
 
 
 @pytest.mark.parametrize("fmt", ["transcript", "chat"])
