@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import gsm8k_style_file, random_lora_adapter
 
-from fcdpo.agent import Agent, AgentLimits, PromptSpec, _transcript_turns
+from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import SamplingParams
 from fcdpo.demos import with_demonstrations
 from fcdpo.problems import ProblemSet, load_source
@@ -297,9 +297,8 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
             for reply, result in turns:
                 ids, cut = lines(text, cut)
                 assert ids == tokenizer.encode(text)
-                text += _transcript_turns(
-                    [Message(role="assistant", content=reply), Message(role="user", content=result)]
-                )
+                turn = [Message(role="assistant", content=reply), Message(role="user", content=result)]
+                text += agent.builder(p.toolset).completion(turn)
 
     lines = _LineTokens(tok, newline_ids)
     lines.checks = 0  # no whole-prompt checks: the pieces alone must add up
