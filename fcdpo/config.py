@@ -17,12 +17,12 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fcdpo.agent import AgentLimits, PromptSpec
-from fcdpo.backends import EngineSpec, SamplingParams
+from fcdpo.backends import BACKENDS, EngineSpec, SamplingParams
 from fcdpo.evaluation import EvalConfig
 from fcdpo.labelling import LabellingConfig
 from fcdpo.pairs import PAIR_STRATEGIES, PairsConfig
 from fcdpo.problems import PROBLEM_SOURCES
-from fcdpo.schema import ConfigModel
+from fcdpo.schema import ConfigModel, SafeName
 from fcdpo.training import TrainingConfig
 
 
@@ -68,7 +68,9 @@ class ProblemSourceConfig(_Strict):
 
 
 class ProblemsConfig(_Strict):
-    sources: list[ProblemSourceConfig] = Field(description="problem sets, concatenated in order")
+    sources: list[ProblemSourceConfig] = Field(
+        min_length=1, description="problem sets, concatenated in order (at least one)"
+    )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of problems held out (by id hash)")
     split_salt: str = Field("", description="changes the id-hash split without changing the problems")
     max_train: int | None = Field(None, ge=1, description="use at most this many training problems")
@@ -99,6 +101,12 @@ class SamplingConfig(_Strict):
         )
 
 
+def _known_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; registered: {', '.join(BACKENDS.names())}")
+    return name
+
+
 class TeacherConfig(_Strict):
     model: str = Field("gemma-3-270m", description="model name, HF id or local path")
     backend: str = Field("vllm", description="registered backend: vllm, openai, oracle, ...")
@@ -110,6 +118,8 @@ class TeacherConfig(_Strict):
         2, ge=0, description="few-shot worked chains per toolset, from training problems with solutions"
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    _backend = field_validator("backend")(lambda v: _known_backend(v))
 
     def engine(self) -> EngineSpec:
         """The engine that samples the teacher's chains."""
@@ -169,6 +179,8 @@ class StudentConfig(_Strict):
         "correct chains (chosen) x the student's own incorrect ones (rejected), as round.chosen_from_teacher "
         "pairs them in later rounds; 0: the paper's pairs, the teacher's correct x incorrect chains",
     )
+
+    _backend = field_validator("backend")(lambda v: _known_backend(v))
 
     @field_validator("prompt")
     @classmethod
@@ -233,7 +245,7 @@ STAGE_NEEDS = {"pairs": "sample", "train": "pairs"}
 
 
 class RunConfig(_Strict):
-    name: str = Field("default", description="run name, used in output paths")
+    name: SafeName = Field("default", description="run name: the run's folder under out_dir")
     out_dir: str = Field("runs", description="where run outputs are written")
     shared_dir: str | None = Field(
         None,
@@ -252,6 +264,7 @@ class RunConfig(_Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig, description="before/after evaluation")
     stages: list[Literal["sample", "pairs", "train", "evaluate"]] = Field(
         ["sample", "pairs", "train", "evaluate"],
+        min_length=1,
         description="stages to run (in the method's order whatever the list's order): sample (teacher chains, "
         "labelled), pairs (needs sample), train (DPO; needs pairs), evaluate (the untrained student on held-out "
         "problems, and the trained one when train runs)",
@@ -365,16 +378,43 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
-    """``key=value`` strings (dotted keys, YAML values) set into ``data``."""
+    """``key=value`` strings (dotted keys, YAML values) set into ``data``; an error names the ``--set``."""
     for ov in overrides:
         key, sep, raw = ov.partition("=")
-        if not sep:
-            raise ConfigError("--set", None, ov, "expected key=value")
-        _set(data, key.strip(), yaml.safe_load(raw))
+        where = f"--set {ov if len(ov) <= 120 else ov[:117] + '...'}"
+        if not sep or not key.strip():
+            raise ConfigError(where, None, "", "expected KEY=VALUE (a dotted config key, a YAML value)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                where, None, key.strip(), f"invalid YAML value: {getattr(e, 'problem', e)}"
+            ) from None
+        try:
+            _set(data, key.strip(), value)
+        except ConfigError as e:
+            raise ConfigError(where, None, e.field, str(e).split(": ", 2)[-1]) from None
 
 
-def validate(model: type[ConfigModel], data: dict[str, Any], path: str, node: yaml.Node | None) -> Any:
-    """``model`` from ``data``; the first error names the file, the line and the field."""
+def override_for(field: str, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The last ``--set`` among ``overrides`` whose key is the failing config ``field``, lies above it or
+    below it (None: the value came from the file)."""
+    for ov in reversed(overrides):
+        key = ov.partition("=")[0].strip()
+        if field == key or field.startswith(key + ".") or key.startswith(field + "."):
+            return ov
+    return None
+
+
+def validate(
+    model: type[ConfigModel],
+    data: dict[str, Any],
+    path: str,
+    node: yaml.Node | None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Any:
+    """``model`` from ``data``; the first error names the file, the line and the field, or the ``--set``
+    among ``overrides`` that gave the field its value."""
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -385,10 +425,14 @@ def validate(model: type[ConfigModel], data: dict[str, Any], path: str, node: ya
         if msg == "Extra inputs are not permitted":
             msg = "unknown key (no such setting here)"
         more = f" (and {len(e.errors()) - 1} more errors)" if len(e.errors()) > 1 else ""
+        if (ov := override_for(field, overrides)) is not None:
+            raise ConfigError(f"--set {ov}", None, field, msg + more) from None
         raise ConfigError(path, _line_of(node, loc), field, msg + more) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The run config in ``path`` with ``overrides`` (``--set``); an error names the file and line, or the
+    ``--set`` argument the bad value came from."""
     data, node = read_yaml(path)
     apply_overrides(data, overrides)
-    return validate(RunConfig, data, str(path), node)
+    return validate(RunConfig, data, str(path), node, overrides)

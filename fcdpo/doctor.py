@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fcdpo.memory import EnginePlan, GiB, TrainPlan, disk_free, gib, machine_memory, on_gpu, plan_training
-from fcdpo.models import DEFAULT_MODEL, cache_root, cpu_has_bf16
+from fcdpo.models import DEFAULT_MODEL, cache_root, cpu_has_bf16, model_problem
 from fcdpo.settings import settings
 
 # module -> what it provides
@@ -102,6 +102,13 @@ def doctor(config: str | Path = "configs/default.yaml", imports: bool = True) ->
         for module, role in COMPONENTS.items():
             ok, version = _import(module)
             r.add(f"import {module}", ok, f"{version} ({role})")
+
+    for setting, model in (("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model)):
+        if why := model_problem(model):
+            r.add(setting, False, why)
+            r.fits = False
+    if not r.fits:
+        return r
 
     # the run's memory, stage by stage (one engine or one training step at a time, as the pipeline runs)
     if not converted and DEFAULT_MODEL in (cfg.teacher.model, cfg.student.model):

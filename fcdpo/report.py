@@ -84,12 +84,14 @@ class ExtraSetSummary(BaseModel):
     """A user's own evaluation set (``evaluation.extra_sets``): per task before/after and their comparison."""
 
     before: dict[str, dict[str, Any]]
-    after: dict[str, dict[str, Any]]
-    comparison: dict[str, dict[str, Any]]
+    after: dict[str, dict[str, Any]] | None = None  # None: no trained student (stages without train)
+    comparison: dict[str, dict[str, Any]] | None = None
 
     @classmethod
-    def of(cls, before: EvalResult, after: EvalResult, comparison: dict[str, Any]) -> ExtraSetSummary:
-        return cls(before=before.metrics, after=after.metrics, comparison=comparison)
+    def of(
+        cls, before: EvalResult, after: EvalResult | None = None, comparison: dict[str, Any] | None = None
+    ) -> ExtraSetSummary:
+        return cls(before=before.metrics, after=after.metrics if after else None, comparison=comparison)
 
 
 class TrackingLocation(BaseModel):
@@ -204,11 +206,11 @@ class RunSummary(BaseModel):
         for name, x in self.extra_sets.items():
             lines += ["", f"extra set `{name}`:", "", "| task | n | before (95% CI) | after (95% CI) "
                       "| difference (95% CI) | McNemar p | format errors |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-            for t, c in x.comparison.items():
+            for t in x.comparison or x.before:
+                c, mb, ma = (x.comparison or {}).get(t), x.before.get(t), (x.after or {}).get(t)
                 diff, pval = comparison_cells(c)
-                mb, ma = x.before.get(t), x.after.get(t)
-                lines.append(f"| {t} | {c['n']} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {pval} "
-                             f"| {format_errors_cell(mb, ma)} |")  # fmt: skip
+                lines.append(f"| {t} | {(c or mb)['n']} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} "
+                             f"| {pval} | {format_errors_cell(mb, ma)} |")  # fmt: skip
         if self.rounds:
             names = sorted({t for r in self.rounds for t in r.accuracy})
             lines += ["", "| round | sampled by | chains (correct) | pairs | " + " | ".join(names) + " |",

@@ -173,11 +173,18 @@ async def roll_out(
             order.finished(problem)
             on_done(chain.to_record())
 
+    stopping = False
     try:
         await asyncio.gather(*(place() for _ in range(window + spare_chains(window))))
+    except BaseException as e:
+        # cancelled or interrupted (Ctrl-C, SIGTERM): the engine is closed next, so its requests in flight
+        # are not waited for (hundreds of them took 13 s to finish)
+        stopping = not isinstance(e, Exception)
+        raise
     finally:
         tools.shutdown(wait=False, cancel_futures=True)
-        await backend.release()
+        if not stopping:
+            await backend.release()
 
 
 def spare_chains(window: int) -> int:

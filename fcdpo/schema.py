@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+# Names that become folder names (run, experiment, arm, extra set): one path component that cannot climb
+# out of its parent ("..", "/", a leading dot) and leaves room for the suffixes stage folders add.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+NAME_MAX = 64
+NAME_RULE = f"letters, digits, '_', '.', '-', starting with a letter or digit, at most {NAME_MAX} characters"
+
+
+def check_name(name: str, what: str = "a name") -> str:
+    """``name`` if it makes a safe folder name, else a ValueError saying the rule."""
+    if len(name) > NAME_MAX or not re.fullmatch(NAME_PATTERN, name):
+        shown = repr(name) if len(name) <= 80 else f"{name[:40]!r}... ({len(name)} characters)"
+        raise ValueError(f"{shown} cannot be {what} (it becomes a folder name): use {NAME_RULE}")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(check_name)]
 
 
 class ConfigModel(BaseModel):

@@ -67,6 +67,7 @@ __all__ = [
     "build_pairs",
     "evaluate_student",
     "gather_chains",
+    "kept_after_interrupt",
     "load_extra_sets",
     "load_problems",
     "pool_chains",
@@ -76,6 +77,7 @@ __all__ = [
     "run_dir",
     "sample_shard",
     "solved",
+    "split_problems",
     "stage_dir",
     "student_job",
     "teacher_prompt",
@@ -85,7 +87,29 @@ __all__ = [
 
 def run_dir(cfg: RunConfig) -> Path:
     """Where a run writes its outputs: ``out_dir/name``."""
-    return Path(cfg.out_dir) / cfg.name
+    return inside(Path(cfg.out_dir), cfg.name)
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """``root/parts...``, checked to stay under ``root`` (a name with ``..`` or ``/`` in it never reaches
+    here past the config's checks; this is the last guard of every output path)."""
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()) or path.resolve() == root.resolve():
+        raise ValueError(f"output path {path} is not inside {root}: refusing to write there")
+    return path
+
+
+def kept_after_interrupt(cfg: RunConfig, signame: str) -> str:
+    """What a run stopped by ``signame`` keeps, and how to resume it (one line): every finished stage is
+    cached, and the shard files keep each chain finished before the signal."""
+    roots = [run_dir(cfg), *([Path(cfg.shared_dir)] if cfg.shared_dir else [])]
+    shards = sorted({f for root in roots if root.is_dir() for f in root.rglob("shard-*.jsonl")})
+    chains = sum(len(sampling.recover(f)) for f in shards)
+    where = f" in {len(shards)} shard file{'s' * (len(shards) != 1)}" if shards else ""
+    return (
+        f"stopped by {signame}: finished stages are cached and {chains} sampled chains are kept{where}; "
+        "run the same command again to resume"
+    )
 
 
 def stage_dir(cfg: RunConfig, stage: str, *inputs: object) -> Path:
@@ -94,11 +118,11 @@ def stage_dir(cfg: RunConfig, stage: str, *inputs: object) -> Path:
     (and, the folder being part of the cache key, the cached result). Without inputs (the shard files,
     already named by their identity): ``shared_dir/stage``."""
     if cfg.shared_dir is None:
-        return run_dir(cfg) / stage
+        return inside(run_dir(cfg), stage)
     name = Path(stage.replace("/", "-"))
     if not inputs:
-        return Path(cfg.shared_dir) / name
-    return Path(cfg.shared_dir) / f"{name.stem}-{digest(identity(list(inputs)), 16)}{name.suffix}"
+        return inside(Path(cfg.shared_dir), str(name))
+    return inside(Path(cfg.shared_dir), f"{name.stem}-{digest(identity(list(inputs)), 16)}{name.suffix}")
 
 
 @dataclass
@@ -140,7 +164,11 @@ class TeacherPrompt:
 def load_problems(cfg: ProblemsConfig) -> Split:
     """All configured sources, concatenated, split into train/test by id hash (a bad problem file fails
     here, before anything is written)."""
-    sets = [load_source(s.source, **s.params) for s in cfg.sources]
+    return split_problems(cfg, [load_source(s.source, **s.params) for s in cfg.sources])
+
+
+def split_problems(cfg: ProblemsConfig, sets: Sequence[ProblemSet]) -> Split:
+    """The sources' problem sets (in ``cfg.sources``'s order), concatenated and split by id hash."""
     everything = ProblemSet.concat("problems", sets).with_splits(
         {"train": 1 - cfg.test_fraction, "test": cfg.test_fraction}, cfg.split_salt
     )
@@ -151,16 +179,13 @@ def load_problems(cfg: ProblemsConfig) -> Split:
     )
 
 
-def load_extra_sets(paths: Sequence[str]) -> dict[str, ProblemSet]:
-    """``evaluation.extra_sets``: each file's problems under its name (the file stem; a bad file fails
-    here, naming its line and field)."""
-    out: dict[str, ProblemSet] = {}
-    for path in paths:
-        name = Path(path).stem
-        if name in out:
-            name = f"{name}-{len(out)}"
-        out[name] = ProblemSet(name, load_source("jsonl", path=path).problems)
-    return out
+def load_extra_sets(cfg: EvalConfig) -> dict[str, ProblemSet]:
+    """``evaluation.extra_sets``: each file's problems under its name (the file stem, checked by the
+    config: a folder name unique among the sets; a bad file fails here, naming its line and field)."""
+    return {
+        name: ProblemSet(name, load_source("jsonl", path=path).problems)
+        for name, path in cfg.named_extra_sets().items()
+    }
 
 
 def teacher_prompt(teacher: TeacherConfig, limits: AgentLimits, train: ProblemSet) -> TeacherPrompt:

@@ -58,6 +58,15 @@ def _configured_api_url() -> str | None:
     return data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
 
 
+def _die_with_parent() -> None:
+    """In a child, before it runs: SIGTERM it when this process ends, however it ends (Linux's
+    PR_SET_PDEATHSIG; elsewhere the atexit handler alone stops it)."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class EphemeralAPI:
     """Without PREFECT_API_URL, Prefect starts a temporary API server on first use (~5 s here, after its
     imports). Start that same server (uvicorn on prefect.server.api.server:create_app, UI off) before
@@ -85,6 +94,10 @@ class EphemeralAPI:
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "error", "--lifespan", "on"],
             env=env,
+            # a session of its own: a terminal's Ctrl-C goes to the run's process group, and the run still
+            # needs its API while it stops (to end the flow run Cancelled); it goes when this process does
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         # registered before Prefect is imported, so it runs after Prefect's own exit handlers have
         # flushed logs and events to this server
@@ -106,18 +119,18 @@ class EphemeralAPI:
 
 
 def run(args: argparse.Namespace) -> int:
-    server = None if _configured_api_url() else EphemeralAPI()
-    return _run(args, server)
-
-
-def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
     from fcdpo.config import ConfigError, load_config
+    from fcdpo.preflight import check_run
 
-    try:
+    try:  # the whole config, its files and models: before a server, a folder or an MLflow run exists
         cfg = load_config(args.config, args.set)
+        warnings = check_run(cfg, args.config, args.set)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    server = None if _configured_api_url() else EphemeralAPI()
+    for w in warnings:
+        print(f"fcdpo run: warning: {w}", file=sys.stderr)
     print(
         f"fcdpo run: config {args.config}, teacher {cfg.teacher.model} via {cfg.teacher.backend}, "
         f"student {cfg.student.model}, stages {', '.join(cfg.stages)}",
@@ -127,8 +140,8 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
     from flows.pipeline import pipeline
 
     summary = _run_flow("run", server, lambda: pipeline(cfg, args.tracking_uri, return_state=True))
-    if summary is None:
-        return 1
+    if isinstance(summary, int):
+        return summary
     print(summary.table)
     if summary.training:
         print(f"pairs {summary.pairs}, DPO steps {summary.training.steps}")
@@ -145,12 +158,18 @@ def _run(args: argparse.Namespace, server: EphemeralAPI | None) -> int:
 def run_experiment(args: argparse.Namespace) -> int:
     from fcdpo.config import ConfigError
     from fcdpo.experiment import load_experiment
+    from fcdpo.preflight import check_run
 
     try:
         exp = load_experiment(args.config, args.set)  # every arm checked before a server starts
+        warnings = {
+            w: None for name, arm in exp.arms.items() for w in check_run(arm, f"{args.config} (arm {name})")
+        }
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"fcdpo experiment: warning: {w}", file=sys.stderr)
     print(
         f"fcdpo experiment: {args.config}, arms {', '.join(exp.arms)} (baseline {exp.config.baseline})",
         file=sys.stderr,
@@ -162,8 +181,8 @@ def run_experiment(args: argparse.Namespace) -> int:
     summary = _run_flow(
         "experiment", server, lambda: experiment(args.config, args.set, args.tracking_uri, return_state=True)
     )
-    if summary is None:
-        return 1
+    if isinstance(summary, int):
+        return summary
     print(summary.report)
     print(f"engines started: {summary.engines_started}; MLflow run {summary.mlflow_run}")
     print(f"outputs: {summary.out_dir}")
@@ -190,8 +209,13 @@ def _warm_tracking(cfg: Any, override: str | None) -> None:
 
 
 def _run_flow(cmd: str, server: EphemeralAPI | None, call: Any) -> Any:
-    """Wait for the temporary API (if any), run the flow; its result, or None (the cause printed)."""
+    """Wait for the temporary API (if any), run the flow; its result, or the exit code (the cause printed
+    in one line). SIGINT and SIGTERM stop the run (``fcdpo.interrupt``): the flow run ends Cancelled, the
+    engines are shut down, and the line says what was kept and how to resume (``main`` holds the signal
+    handlers)."""
     from prefect.settings import temporary_settings
+
+    from fcdpo.interrupt import EXIT_CODE
 
     # Heartbeats are for a server whose automation marks silent runs Crashed (`fcdpo deploy`); a temporary
     # API goes with the process and nothing watches it, and each flow run's heartbeat thread costs up to
@@ -203,9 +227,12 @@ def _run_flow(cmd: str, server: EphemeralAPI | None, call: Any) -> Any:
         settings = {"flows.heartbeat_frequency": None}
     with temporary_settings(updates=settings):
         state = call()
+    if state.is_cancelled():
+        print(f"fcdpo {cmd}: the flow run ended Cancelled: {state.message}", file=sys.stderr)
+        return EXIT_CODE
     if not state.is_completed():
         print(f"fcdpo {cmd}: the flow ended {state.name}: {_cause(state)}", file=sys.stderr)
-        return None
+        return 1
     print()
     return state.result()
 
@@ -555,7 +582,17 @@ def main(argv: list[str] | None = None) -> int:
         "deploy": deploy,
         "doctor": doctor,
     }
-    return commands[args.cmd](args)
+    if args.cmd not in ("run", "experiment"):
+        return commands[args.cmd](args)
+    from fcdpo.interrupt import EXIT_CODE, Interrupted, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return commands[args.cmd](args)
+    except Interrupted as e:  # outside the flow's body (starting, or at its end): nothing half-done to report
+        print(f"fcdpo {args.cmd}: stopped by {e.signame}; finished stages are cached: run the same command "
+              "again to resume", file=sys.stderr)  # fmt: skip
+        return EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
 from pydantic import BaseModel
 
 from fcdpo.evaluation import EvalResult
 from fcdpo.experiment import ArmResult, comparison, load_experiment
+from fcdpo.interrupt import signal_name
 from fcdpo.report import RunSummary, accuracy_cell
 from flows.pipeline import pipeline
 from tasks.common import fresh
@@ -71,9 +74,15 @@ def experiment(
         report = fresh(write_comparison, str(exp.out), rows, c.baseline, f"experiment `{c.name}`").table
         _publish(exp.out, rows, report, c.baseline)
         tracker.finish(exp.out, rows, summaries)
-    except BaseException:
+    except BaseException as e:
         tracker.fail()
-        raise
+        # SIGINT / SIGTERM (fcdpo.interrupt), here or in an arm's run (cancelled, saying what it kept), or an
+        # arm's run cancelled from the UI: the experiment ends Cancelled too, its finished arms cached
+        if isinstance(e, CancelledRun):
+            return Cancelled(message=str(e))
+        if (stop := signal_name(e)) is None:
+            raise
+        return Cancelled(message=f"stopped by {stop}: finished stages are cached; run the same command again")
     return ExperimentSummary(
         name=c.name, out_dir=str(exp.out), baseline=c.baseline, arms=rows, report=report,
         engines_started=sum(s.engines_started for s in summaries.values()), mlflow_run=tracker.run_id,

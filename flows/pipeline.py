@@ -23,9 +23,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import get_run_context
+from prefect.states import Cancelled
 
 from fcdpo.config import RunConfig
 from fcdpo.evaluation import EvalResult, compare
+from fcdpo.interrupt import signal_name
 from fcdpo.models import model_identity
 from fcdpo.pairs import PairsResult
 from fcdpo.problems import ProblemSet
@@ -35,6 +37,7 @@ from fcdpo.stages import (
     EvalJob,
     RoundResult,
     Split,
+    kept_after_interrupt,
     load_extra_sets,
     round_problems,
     round_student,
@@ -75,7 +78,7 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
     #    (a bad problem file fails here: nothing has been written yet and the error is not retried)
     with clock("problems"):
         split = load_problems(cfg.problems)
-        extra = load_extra_sets(cfg.evaluation.extra_sets)  # the user's own evaluation sets
+        extra = load_extra_sets(cfg.evaluation)  # the user's own evaluation sets
         teacher = build_teacher_prompt(*opaque_args((cfg.teacher, cfg.agent, split.train)))
     out.mkdir(parents=True, exist_ok=True)
     tracker = start_tracker(cfg, tracking_uri, split, out / "problems", parent_run)
@@ -165,16 +168,20 @@ def pipeline(config: RunConfig, tracking_uri: str | None = None, parent_run: str
             before, after, comparison, clock, engines_started=engines.started, mlflow=tracker.location(),
             prefect_flow_run=str(flow_run.id) if flow_run else None,
             rounds=[RoundSummary.of(r, before, cfg.evaluation) for r in rounds] if len(rounds) > 1 else [],
-            extra_sets={n: ExtraSetSummary.of(*r) for n, r in extra_results.items()},
+            extra_sets={n: ExtraSetSummary.of(*extra_results.get(n, (b,))) for n, b in extra_before.items()},
             objective=cfg.student.training.objective,
             training_pairs=sum(int(r.trained.manifest["n_pairs"]) for r in rounds),  # the ones trained on
             eval_dirs={k: str(v.out_dir) for k, v in (("before", before), ("after", after)) if v and v.out_dir},
         )  # fmt: skip
         _publish(summary, out, tracker)
         return summary
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    except BaseException as e:
+        if (stop := signal_name(e)) is None:
+            tracker.finish("FAILED")
+            raise
+        # SIGINT / SIGTERM (fcdpo.interrupt): the run ends Cancelled, its finished parts kept to resume from
+        tracker.finish("KILLED")
+        return Cancelled(message=kept_after_interrupt(cfg, stop))
     finally:
         engines.close()
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
+from fcdpo import interrupt
 from fcdpo.backends import Backend, EngineSpec, Workload
 from fcdpo.errors import DeterministicError
 from fcdpo.hashing import code_version, digest, identity
@@ -48,7 +49,11 @@ TRANSIENT_NAMES = ("EngineDeadError", "EngineGenerateError", "BrokenProcessPool"
 def transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry engine crashes mid-run, lost connections and OOM-killed
     workers; never bad input or config (ValueError, ConfigError, ProblemFileError, ...) and never a
-    :class:`~fcdpo.errors.DeterministicError` (not enough memory, an engine that did not start)."""
+    :class:`~fcdpo.errors.DeterministicError` (not enough memory, an engine that did not start), and nothing
+    once the run was asked to stop (a terminal's Ctrl-C also ends the engine's processes: their failure is
+    the stop, not a crash to retry)."""
+    if interrupt.requested():
+        return False
     try:
         state.result()
     except DeterministicError:

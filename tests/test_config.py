@@ -74,9 +74,12 @@ def test_overrides(tmp_path):
     f = _write(tmp_path, BASE)
     cfg = load_config(f, ["teacher.sampling.temperature=0.2", "pairs.max_pairs_per_prompt=null"])
     assert cfg.teacher.sampling.temperature == 0.2 and cfg.pairs.max_pairs_per_prompt is None
-    with pytest.raises(ConfigError, match="expected key=value"):
+    with pytest.raises(ConfigError, match=r"^--set teacher\.model: expected KEY=VALUE"):
         load_config(f, ["teacher.model"])
-    with pytest.raises(ConfigError, match=r"teacher\.sampling\.temperature"):
+    # the error names the --set argument the bad value came from, not a line of the file
+    with pytest.raises(
+        ConfigError, match=r"^--set teacher\.sampling\.temperature=-1: teacher\.sampling\.temperature"
+    ):
         load_config(f, ["teacher.sampling.temperature=-1"])
 
 

@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 
 from fcdpo.agent import AgentLimits
+from fcdpo.backends import BACKENDS
+from fcdpo.cli import non_negative_int, one_line_errors, positive_float, positive_int
 from fcdpo.evaluation import EvalConfig
+from fcdpo.models import model_problem
 from fcdpo.problems import ProblemSet, load_source
 from fcdpo.problems.jsonl import ProblemFileError, read_jsonl_rows
 
@@ -31,20 +34,31 @@ def load_problem_file(path: str) -> ProblemSet:
     return load_source("gsm8k" if gsm8k else "jsonl", path=path)
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fcdpo evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma-3-270m", help="model name, HF id or local folder")
     ap.add_argument("--adapter", default=None, help="a LoRA adapter folder (from fcdpo training)")
     ap.add_argument("--problems", required=True, help="JSONL problem file")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--k", type=int, default=4, help="sampled chains per problem for pass@k (0: greedy only)")
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--max-steps", type=int, default=12)
-    ap.add_argument("--max-tries", type=int, default=2)
-    ap.add_argument("--backend", default="vllm", help="registered backend serving the model")
+    ap.add_argument(
+        "--k", type=non_negative_int, default=4, help="sampled chains per problem for pass@k (0: greedy only)"
+    )
+    ap.add_argument("--temperature", type=positive_float, default=0.7)
+    ap.add_argument("--max-steps", type=positive_int, default=12)
+    ap.add_argument("--max-tries", type=positive_int, default=2)
+    ap.add_argument(
+        "--backend", default="vllm", choices=BACKENDS.names(), help="registered backend serving the model"
+    )
     ap.add_argument("--adapter-mode", default="merged", choices=["merged", "lora"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file: give a folder (made if missing)")
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        ap.error(f"--adapter {args.adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    if args.backend == "vllm" and (why := model_problem(args.model)):
+        ap.error(f"--model: {why}")
 
     try:
         problems = load_problem_file(args.problems)

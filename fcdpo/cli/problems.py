@@ -14,20 +14,28 @@ import json
 import sys
 from collections import Counter
 
+from fcdpo.cli import fraction, one_line_errors, positive_int
 from fcdpo.problems import PROBLEM_SOURCES, ProblemFileError, load_source
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fcdpo problems", description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", required=True, choices=PROBLEM_SOURCES.names())
-    ap.add_argument("--n", type=int, default=None, help="number of problems (generators) or first n (files)")
+    ap.add_argument(
+        "--n", type=positive_int, default=None, help="number of problems (generators) or first n (files)"
+    )
     ap.add_argument("--seed", type=int, default=None, help="generator seed")
     ap.add_argument("--path", default=None, help="problem file (gsm8k, jsonl)")
     ap.add_argument("--difficulty", default=None, help="fol: easy | medium | hard | mixed")
     ap.add_argument("--split", default=None, help="gsm8k: hub split name / id prefix (default train)")
-    ap.add_argument("--test-fraction", type=float, default=0.0, help="assign train/test splits by id hash")
+    ap.add_argument(
+        "--test-fraction", type=fraction, default=0.0, help="assign train/test splits by id hash (0 <= f < 1)"
+    )
     ap.add_argument("--format", choices=["jsonl", "text"], default="jsonl")
     args = ap.parse_args(argv)
+    if args.source == "jsonl" and args.path is None:
+        ap.error("--source jsonl reads a file: give it with --path")
     params = {
         k: v for k in ("n", "seed", "path", "difficulty", "split") if (v := getattr(args, k)) is not None
     }

@@ -18,40 +18,46 @@ import time
 import yaml
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
-from fcdpo.backends import EngineRequest, SamplingParams, make_backend
+from fcdpo.backends import BACKENDS, EngineRequest, SamplingParams, make_backend
+from fcdpo.cli import non_negative_float, non_negative_int, one_line_errors, positive_int, probability
 from fcdpo.demos import with_demonstrations
-from fcdpo.models import DEFAULT_MODEL
+from fcdpo.models import DEFAULT_MODEL, model_problem
 from fcdpo.problems import PROBLEM_SOURCES, ProblemFileError, load_source
 from fcdpo.sampling import sample_shards, split_shards
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fcdpo sample", description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", required=True, choices=PROBLEM_SOURCES.names(), help="problem source")
     ap.add_argument("--path", help="problem file (gsm8k, jsonl)")
-    ap.add_argument("--n-problems", type=int, default=8)
+    ap.add_argument("--n-problems", type=positive_int, default=8)
     ap.add_argument("--problem-seed", type=int, default=0, help="generator seed (fol, arith)")
     ap.add_argument("--difficulty", help="fol difficulty")
-    ap.add_argument("--samples", type=int, default=16, help="chains per problem")
+    ap.add_argument("--samples", type=positive_int, default=16, help="chains per problem")
     ap.add_argument("--out", required=True, help="output folder for shard files")
-    ap.add_argument("--backend", default="vllm")
+    ap.add_argument("--backend", default="vllm", choices=BACKENDS.names())
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--demos", type=int, default=2, help="few-shot demonstrations per toolset")
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=96, help="per reply")
-    ap.add_argument("--max-steps", type=int, default=16)
-    ap.add_argument("--max-tries", type=int, default=3)
+    ap.add_argument("--demos", type=non_negative_int, default=2, help="few-shot demonstrations per toolset")
+    ap.add_argument("--temperature", type=non_negative_float, default=0.7)
+    ap.add_argument("--top-p", type=probability, default=1.0)
+    ap.add_argument("--max-tokens", type=positive_int, default=96, help="per reply")
+    ap.add_argument("--max-steps", type=positive_int, default=16)
+    ap.add_argument("--max-tries", type=positive_int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-size", type=int, default=64)
+    ap.add_argument("--shard-size", type=positive_int, default=64)
     ap.add_argument(
         "--window",
-        type=int,
+        type=positive_int,
         help="requests in flight (default: what the engine batches plus a quarter, waiting in its queue)",
     )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.problems == "jsonl" and args.path is None:
+        ap.error("--problems jsonl reads a file: give it with --path")
+    if args.backend == "vllm" and (why := model_problem(args.model)):
+        ap.error(f"--model: {why}")
 
     params: dict = {}
     if args.problems in ("fol", "arith"):
