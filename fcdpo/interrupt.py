@@ -19,7 +19,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 EXIT_CODE = 130  # what a shell reports for a command ended by SIGINT
 
@@ -66,6 +69,32 @@ def signal_name(e: BaseException) -> str | None:
         return signal.Signals(number).name
     except ValueError:
         return None
+
+
+def interruptible(call: Callable[[], T], name: str = "fcdpo-wait") -> T:
+    """``call()`` run in a thread of its own while the main thread waits for it in short steps, so a signal
+    stops the wait at once. For calls that block in C code that swallows the signal's exception: vLLM's
+    engine start waits on a ZMQ poll that retries after a signal, dropping its KeyboardInterrupt, for as
+    long as the engine core takes (or forever, if Ctrl-C killed the core too). Outside the main thread (a
+    worker's thread, a notebook's executor) it is just ``call()``. After a stop the thread is left to end
+    with the process (the engine's own processes go when it does)."""
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 def _children() -> list[int]:

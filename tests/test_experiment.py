@@ -348,6 +348,29 @@ def test_extra_evaluation_sets_are_reported_beside_the_held_out_split(harness, t
     assert not (Path(cfg.out_dir) / cfg.name / "chains.jsonl").exists()
 
 
+def test_extra_sets_are_reported_without_training_too(harness, tmp_path, tiny_model):
+    """stages: [evaluate] evaluates the untrained student on the held-out split and on each extra set; the
+    summary and its table report both (before only: there is no trained student)."""
+    from fcdpo.problems import load_source
+    from flows.pipeline import pipeline
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(p.model_dump_json() + "\n" for p in load_source("arith", n=4, seed=98)))
+    over = {"evaluation.extra_sets": [str(mine)], "stages": ["evaluate"]}
+    state = pipeline(
+        tiny_run_config(tmp_path, tiny_model, **over), f"sqlite:///{tmp_path / 'm.db'}", return_state=True
+    )
+    assert state.is_completed(), state
+    s = state.result()
+    x = s.extra_sets["mine"]
+    assert x.before["all"]["n"] == 4 and x.after is None and x.comparison is None
+    assert "extra set `mine`:" in s.table
+    row = next(
+        line for line in s.table.split("extra set `mine`:")[1].splitlines() if line.startswith("| all |")
+    )
+    assert row.startswith("| all | 4 | ") and "| - | - |" in row  # no after, no difference
+
+
 def test_a_round_without_pairs_stops_the_rounds_and_the_teachers_correct_chains_can_fill_in(
     harness, tmp_path, tiny_model
 ):

@@ -146,3 +146,29 @@ def test_what_counts_as_a_stop():
     assert interrupt.signal_name(TerminationSignal(signal.SIGTERM)) == "SIGTERM"
     assert interrupt.signal_name(ValueError("x")) is None
     assert interrupt.signal_name(SystemExit(1)) is None
+
+
+def test_a_wait_that_swallows_the_signal_is_still_stopped():
+    """vLLM's engine start waits in a ZMQ poll that catches the signal's exception and polls again (for as
+    long as the engine core takes to start). Run through ``interruptible``, such a wait no longer holds the
+    main thread: the stop is raised within a fraction of a second."""
+    import threading
+
+    def swallowing_wait():  # what pyzmq's poll loop does with the exception a signal handler raised
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.05)
+            except KeyboardInterrupt:
+                continue
+        return "waited it out"
+
+    interrupt.reset()
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t0 = time.monotonic()
+        with pytest.raises(interrupt.Interrupted), interrupt.stop_on_signals(grace_s=600):
+            interrupt.interruptible(swallowing_wait)
+        assert time.monotonic() - t0 < 2
+    finally:
+        interrupt.reset()

@@ -54,6 +54,7 @@ from fcdpo.backends.base import (
     default_window,
 )
 from fcdpo.errors import EngineStartError
+from fcdpo.interrupt import interruptible
 from fcdpo.memory import DTYPE_BYTES, EnginePlan, on_gpu, plan_engine
 from fcdpo.models import DEFAULT_MODEL, cpu_has_bf16, resolve_model
 from fcdpo.settings import settings
@@ -225,15 +226,18 @@ class VLLMBackend(Backend):
         self.max_model_len = o.max_model_len
         self.lora_request = None
         self._stepper: _Stepper | None = None
-        try:
-            self.llm = LLM(
-                model=str(resolved.path),
-                enable_prefix_caching=True,
-                max_model_len=o.max_model_len,
-                gpu_memory_utilization=o.utilization,
-                tensor_parallel_size=o.tensor_parallel_size,
-                dtype=o.resolved_dtype,
-                **engine_kwargs,
+        try:  # started off the main thread: a Ctrl-C during the start stops it (fcdpo.interrupt)
+            self.llm = interruptible(
+                lambda: LLM(
+                    model=str(resolved.path),
+                    enable_prefix_caching=True,
+                    max_model_len=o.max_model_len,
+                    gpu_memory_utilization=o.utilization,
+                    tensor_parallel_size=o.tensor_parallel_size,
+                    dtype=o.resolved_dtype,
+                    **engine_kwargs,
+                ),
+                "fcdpo-engine-start",
             )
         except Exception as e:  # a setting vLLM rejects, or its own start-up check: retrying cannot help
             raise EngineStartError(
