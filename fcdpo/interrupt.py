@@ -7,9 +7,10 @@ event loop stops, each shard file keeps the chains finished so far (a re-run res
 (with a line saying so); a watchdog ends the process (and its children) if stopping takes longer than
 ``grace_s`` seconds.
 
-Elsewhere (a retry rule, a sampler that sees an engine die) :func:`requested` tells whether the run was
-asked to stop, so an engine killed by the same Ctrl-C (a terminal sends it to the whole process group)
-is never taken for a transient failure and retried.
+Elsewhere (the orchestration's retry rule) :func:`requested` tells whether the run was asked to stop, so
+an engine killed by the same Ctrl-C (a terminal sends it to the whole process group) is never taken for a
+transient failure and retried. :func:`interruptible` keeps a blocking call that swallows the signal's
+exception (vLLM's engine start) from holding the stop up.
 """
 
 from __future__ import annotations
@@ -123,7 +124,6 @@ def _watchdog(grace_s: float, disarmed: threading.Event) -> None:
 def stop_on_signals(grace_s: float = 25.0) -> Iterator[None]:
     """While held (in the main thread): the first SIGINT or SIGTERM raises :class:`Interrupted` where the
     main thread is, later ones are ignored; the previous handlers come back at exit."""
-    global _requested
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -18,13 +18,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from fcdpo.config import ConfigError, ProblemsConfig, RunConfig, load_config
+from fcdpo.schema import check_name
 from flows.pipeline import pipeline
 from tasks.stages import load_problems
 from tasks.tracking import finished_runs_for_problems
 
 
 def config_for(base: RunConfig, path: Path) -> RunConfig:
-    """The base config with its problems replaced by one JSONL problem set (same split settings)."""
+    """The base config with its problems replaced by one JSONL problem set (same split settings), named
+    after the base run and the file (a name that must make a folder name: a ValueError otherwise)."""
+    name = check_name(f"{base.name}-{path.stem}", "a run name (the base run's name, '-', the file's stem)")
     problems = ProblemsConfig(
         sources=[{"source": "jsonl", "params": {"path": str(path.resolve())}}],
         test_fraction=base.problems.test_fraction,
@@ -32,7 +35,7 @@ def config_for(base: RunConfig, path: Path) -> RunConfig:
         max_train=base.problems.max_train,
         max_test=base.problems.max_test,
     )
-    return base.model_copy(update={"name": f"{base.name}-{path.stem}", "problems": problems})
+    return base.model_copy(update={"name": name, "problems": problems})
 
 
 @flow(name="rerun-on-new-problem-sets", log_prints=True)
@@ -56,8 +59,8 @@ def rerun_on_new_problem_sets(
     log.info(f"{len(files)} problem-set file(s) in {folder}")
     report: list[dict[str, Any]] = []
     for path in files:
-        cfg = config_for(base, path)
         try:
+            cfg = config_for(base, path)
             split = load_problems(cfg.problems)
         except Exception as e:  # an invalid file: say which line, go on with the others
             log.error(f"{path}: {e}")

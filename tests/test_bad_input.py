@@ -163,3 +163,15 @@ def test_every_output_path_stays_under_its_folder(tmp_path):
     for parts in (("..",), ("a/../..",), ("/etc/x",), (".",)):
         with pytest.raises(ValueError, match="not inside"):
             inside(tmp_path, *parts)
+
+
+def test_the_scheduled_flow_names_each_run_after_a_file_only_if_it_makes_a_folder_name(tmp_path):
+    from fcdpo.config import load_config
+    from flows.watch import config_for
+
+    base = load_config(DEFAULT)
+    for name in ("week-1.jsonl", "week 1.jsonl"):
+        (tmp_path / name).write_text(json.dumps(ROW) + "\n")
+    assert config_for(base, tmp_path / "week-1.jsonl").name == "default-week-1"
+    with pytest.raises(ValueError, match="cannot be a run name"):
+        config_for(base, tmp_path / "week 1.jsonl")
