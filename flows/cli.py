@@ -69,8 +69,9 @@ def _die_with_parent() -> None:
 
 class EphemeralAPI:
     """Without PREFECT_API_URL, Prefect starts a temporary API server on first use (~5 s here, after its
-    imports). Start that same server (uvicorn on prefect.server.api.server:create_app, UI off) before
-    importing anything, so it comes up while the config and the flow's modules load; stop it at the end."""
+    imports). Start that same server (uvicorn on prefect.server.api.server:create_app, UI off) once the config
+    is checked and before Prefect is imported, so it comes up while the flow's modules load; stop it at the
+    end."""
 
     def __init__(self) -> None:
         import importlib.util
