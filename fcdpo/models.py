@@ -134,8 +134,8 @@ def resolve_model(name: str = DEFAULT_MODEL) -> ResolvedModel:
         return convert_embedded_gemma()
     p = Path(name).expanduser()
     if p.is_dir():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json)")
+        if why := model_problem(name):  # no config.json
+            raise FileNotFoundError(why)
         return ResolvedModel(p.name, p.resolve(), _folder_hash(p), _chat_template(p))
     from huggingface_hub import snapshot_download
 

@@ -94,7 +94,8 @@ def inside(root: Path, *parts: str) -> Path:
     """``root/parts...``, checked to stay under ``root`` (a name with ``..`` or ``/`` in it never reaches
     here past the config's checks; this is the last guard of every output path)."""
     path = root.joinpath(*parts)
-    if not path.resolve().is_relative_to(root.resolve()) or path.resolve() == root.resolve():
+    resolved, top = path.resolve(), root.resolve()
+    if resolved == top or not resolved.is_relative_to(top):
         raise ValueError(f"output path {path} is not inside {root}: refusing to write there")
     return path
 
