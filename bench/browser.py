@@ -161,12 +161,12 @@ def pages(summary, prefect_url: str, mlflow_url: str) -> list[tuple[str, str, li
     flow_run = summary.prefect_flow_run
     c = summary.comparison["all"]
     artifact = prefect_artifact_id(f"{prefect_url}/api", flow_run, "results-table")
-    metric = f"{c['after']:.4g}".rstrip("0").rstrip(".") if c["after"] else "0"
+    metric = f"{c.after:.4g}".rstrip("0").rstrip(".") if c.after else "0"
     return [
         ("prefect-flow-run", f"{prefect_url}/runs/flow-run/{flow_run}",
          ["pipeline", "Completed", "train-student", "evaluate-student", "step 2:"]),
         ("prefect-results-artifact", f"{prefect_url}/artifacts/artifact/{artifact}",
-         ["results-table", pct(c["before"]), pct(c["after"]), f"{c['difference'] * 100:+.1f}%",
+         ["results-table", pct(c.before), pct(c.after), f"{c.difference * 100:+.1f}%",
           summary.mlflow.run_id]),
         ("mlflow-parent-run", f"{mlflow_url}/#/experiments/{exp}/runs/{parent}?{ML_VIEW}",
          ["browser-check", "all.accuracy_after", metric, "all.mcnemar_p", "pairs", "train-dpo", flow_run]),

@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fcdpo.agent import AgentLimits, PromptSpec
-from fcdpo.backends import BACKENDS, EngineSpec, SamplingParams
+from fcdpo.backends import BACKENDS, SamplingParams
 from fcdpo.evaluation import EvalConfig
 from fcdpo.labelling import LabellingConfig
 from fcdpo.pairs import PAIR_STRATEGIES, PairsConfig
@@ -121,10 +121,6 @@ class TeacherConfig(_Strict):
 
     _backend = field_validator("backend")(lambda v: _known_backend(v))
 
-    def engine(self) -> EngineSpec:
-        """The engine that samples the teacher's chains."""
-        return EngineSpec(self.backend, self.model, self.backend_options, "teacher.backend_options")
-
 
 class RoundsConfig(_Strict):
     """Rounds after the first (iterative DPO / RPO): the student of round k-1 samples its own chains."""
@@ -190,22 +186,6 @@ class StudentConfig(_Strict):
                 "the student prompt takes no demonstrations (it is what the student sees at inference)"
             )
         return v
-
-    def for_training(self) -> StudentConfig:
-        """What one round's training depends on (cache keys): the rounds settings reset to their defaults,
-        so an arm with 2 rounds shares its first round with a 1-round arm."""
-        return self.model_copy(update={"rounds": 1, "round": RoundsConfig(), "on_policy_samples": 0})
-
-    def for_serving(self) -> StudentConfig:
-        """What serving the student for evaluation depends on (cache keys): no training settings but the
-        LoRA rank (vLLM's LoRA mode needs it), so arms that differ only in training share the untrained
-        student's evaluation."""
-        training = TrainingConfig(lora=self.training.lora)
-        return self.for_training().model_copy(update={"training": training})
-
-    def engine(self) -> EngineSpec:
-        """The engine that serves the untrained student (``fcdpo.stages.student_engine`` adds an adapter)."""
-        return EngineSpec(self.backend, self.model, self.backend_options, "student.backend_options")
 
 
 class TrackingConfig(_Strict):

@@ -84,6 +84,7 @@ def _import(module: str) -> tuple[bool, str]:
 def doctor(config: str | Path = "configs/default.yaml", imports: bool = True) -> Report:
     from fcdpo import stages
     from fcdpo.config import load_config
+    from fcdpo.policy import Policy
 
     r = Report()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -118,9 +119,10 @@ def doctor(config: str | Path = "configs/default.yaml", imports: bool = True) ->
     split = stages.load_problems(cfg.problems)
     teacher = stages.teacher_prompt(cfg.teacher, cfg.agent, split.train)
     shard = teacher.shards(cfg.teacher.sampling.shard_size)[0] if teacher.to_sample else teacher.to_sample
+    t, s = Policy.teacher(cfg, teacher.prompt), Policy.student(cfg)
     engines = [
-        ("teacher engine", cfg.teacher.engine(), stages.SamplingJob.of(cfg, teacher.prompt).workload(shard)),
-        ("student engine", cfg.student.engine(), stages.EvalJob.of(cfg).workload(split.test)),
+        ("teacher engine", t.engine(), stages.SamplingJob.of(cfg, t).workload(shard)),
+        ("student engine", s.engine(), stages.EvalJob.of(cfg, s).workload(split.test)),
     ]
     for name, spec, workload in engines:
         if spec.backend != "vllm":

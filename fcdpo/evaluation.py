@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends.base import Backend, SamplingParams
@@ -130,7 +130,46 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-# ------------------------------------------------------------------------------------ evaluation
+# ------------------------------------------------------------------------------------ results
+
+
+class TaskMetrics(BaseModel):
+    """One task's evaluation (or ``all`` of them): greedy pass@1 with its bootstrap CI, how the other
+    chains ended (rates of each verdict), their mean length, and pass@k when sampled."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    n: int = Field(description="problems evaluated")
+    accuracy: float = Field(description="greedy pass@1")
+    ci: tuple[float, float] = Field(description="bootstrap CI of the accuracy (evaluation.confidence)")
+    format_error_rate: float = Field(description="chains that broke the call format")
+    step_limit_rate: float = 0.0
+    aborted_rate: float = 0.0
+    no_answer_rate: float = 0.0
+    wrong_answer_rate: float = 0.0
+    mean_steps: float = 0.0
+    mean_tokens: float = 0.0
+    pass_at_k: dict[str, float] | None = Field(None, description="k -> unbiased pass@k (evaluation.k > 0)")
+
+
+class TaskComparison(BaseModel):
+    """A paired before/after comparison on one task's problems: both accuracies, the difference with its
+    bootstrap CI, the problems fixed and broken, and the exact McNemar p-value."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    n: int
+    before: float
+    after: float
+    difference: float
+    difference_ci: tuple[float, float]
+    improved: int = Field(0, description="wrong before, right after")
+    regressed: int = Field(0, description="right before, wrong after")
+    mcnemar_p: float = 1.0
+
+
+Metrics = dict[str, TaskMetrics]  # task (and "all") -> its metrics
+Comparison = dict[str, TaskComparison]  # task (and "all") -> its paired comparison
 
 
 @dataclass
@@ -138,7 +177,7 @@ class EvalResult:
     model_id: str
     greedy: list[ChainRecord]
     sampled: list[ChainRecord] = field(default_factory=list)
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=dict)
     out_dir: Path | None = None  # where :meth:`save` wrote it
 
     def files(self) -> list[Path]:
@@ -154,7 +193,13 @@ class EvalResult:
         write_jsonl(self.greedy, out / "greedy.jsonl")
         if self.sampled:
             write_jsonl(self.sampled, out / "sampled.jsonl")
-        (out / "metrics.json").write_text(json.dumps({"model": self.model_id, **self.metrics}, indent=2))
+        (out / "metrics.json").write_text(
+            json.dumps({"model": self.model_id, **self.metrics_json()}, indent=2)
+        )
+
+    def metrics_json(self) -> dict[str, dict[str, object]]:
+        """The metrics as plain JSON values (``metrics.json``, the command lines' output)."""
+        return {t: m.model_dump(exclude_none=True) for t, m in self.metrics.items()}
 
     @classmethod
     def load(cls, out_dir: str | Path) -> EvalResult:
@@ -163,12 +208,13 @@ class EvalResult:
         metrics = json.loads((out / "metrics.json").read_text())
         model_id = metrics.pop("model", "")
         sampled = list(read_jsonl(out / "sampled.jsonl")) if (out / "sampled.jsonl").is_file() else []
-        return cls(model_id, list(read_jsonl(out / "greedy.jsonl")), sampled, metrics, out)
+        typed = {t: TaskMetrics.model_validate(m) for t, m in metrics.items()}
+        return cls(model_id, list(read_jsonl(out / "greedy.jsonl")), sampled, typed, out)
 
 
 def task_metrics(
     greedy: Sequence[ChainRecord], sampled: Sequence[ChainRecord], k: int, cfg: EvalConfig
-) -> dict[str, Any]:
+) -> TaskMetrics:
     n = len(greedy)
     correct = [1.0 if r.verdict == Verdict.CORRECT.value else 0.0 for r in greedy]
     lo, hi = bootstrap_ci(correct, cfg.bootstrap, cfg.confidence, cfg.seed)
@@ -196,12 +242,12 @@ def task_metrics(
             str(j): sum(pass_at_k(len(v), sum(v), j) for v in per_problem.values()) / len(per_problem)
             for j in range(1, k + 1)
         }
-    return out
+    return TaskMetrics.model_validate(out)
 
 
 def summarise(
     greedy: Sequence[ChainRecord], sampled: Sequence[ChainRecord], k: int, cfg: EvalConfig
-) -> dict[str, dict[str, Any]]:
+) -> Metrics:
     """Metrics per task, plus ``all`` over every problem."""
     tasks = sorted({r.task for r in greedy})
     out = {
@@ -263,13 +309,13 @@ def evaluate(
     return EvalResult(backend.model_id, greedy, sampled, summarise(greedy, sampled, cfg.k, cfg))
 
 
-def compare(before: EvalResult, after: EvalResult, cfg: EvalConfig | None = None) -> dict[str, Any]:
+def compare(before: EvalResult, after: EvalResult, cfg: EvalConfig | None = None) -> Comparison:
     """Paired before/after comparison per task on the problems both evaluated."""
     cfg = cfg or EvalConfig()
     b, a = before.correct_by_problem(), after.correct_by_problem()
     task_of = {r.problem_id: r.task for r in before.greedy}
     common = sorted(set(b) & set(a))
-    out: dict[str, Any] = {}
+    out: Comparison = {}
     for task in [*sorted({task_of[p] for p in common}), "all"]:
         ids = [p for p in common if task == "all" or task_of[p] == task]
         diffs = [float(a[p]) - float(b[p]) for p in ids]
@@ -277,14 +323,14 @@ def compare(before: EvalResult, after: EvalResult, cfg: EvalConfig | None = None
         n10 = sum(1 for p in ids if b[p] and not a[p])  # broken by training
         acc_b = sum(b[p] for p in ids) / len(ids)
         acc_a = sum(a[p] for p in ids) / len(ids)
-        out[task] = {
-            "n": len(ids),
-            "before": acc_b,
-            "after": acc_a,
-            "difference": acc_a - acc_b,
-            "difference_ci": list(bootstrap_ci(diffs, cfg.bootstrap, cfg.confidence, cfg.seed)),
-            "improved": n01,
-            "regressed": n10,
-            "mcnemar_p": mcnemar_p(n01, n10),
-        }
+        out[task] = TaskComparison(
+            n=len(ids),
+            before=acc_b,
+            after=acc_a,
+            difference=acc_a - acc_b,
+            difference_ci=bootstrap_ci(diffs, cfg.bootstrap, cfg.confidence, cfg.seed),
+            improved=n01,
+            regressed=n10,
+            mcnemar_p=mcnemar_p(n01, n10),
+        )
     return out

@@ -29,7 +29,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from fcdpo.config import ConfigError, RunConfig, _line_of, apply_overrides, read_yaml, validate
-from fcdpo.evaluation import EvalConfig, EvalResult, compare
+from fcdpo.evaluation import Comparison, EvalConfig, EvalResult, Metrics, compare
+from fcdpo.report import RunSummary
 from fcdpo.schema import ConfigModel, SafeName
 
 
@@ -146,9 +147,9 @@ class ArmResult(BaseModel):
 
     arm: str
     description: str = ""
-    accuracy: dict[str, dict[str, Any]] = {}  # task -> metrics of the final student (accuracy, ci, ...)
-    before: dict[str, dict[str, Any]] = {}  # task -> metrics of the untrained student
-    vs_baseline: dict[str, dict[str, Any]] = {}  # task -> paired comparison with the baseline arm
+    accuracy: Metrics = {}  # task -> metrics of the final student (accuracy, ci, ...)
+    before: Metrics = {}  # task -> metrics of the untrained student
+    vs_baseline: Comparison = {}  # task -> paired comparison with the baseline arm
     by_round: list[dict[str, float]] = []  # per round: task -> accuracy
     pairs: int = 0
     training_seconds: float = 0.0
@@ -159,7 +160,7 @@ def comparison(
     names: list[str],
     baseline: str,
     finals: dict[str, EvalResult],
-    summaries: dict[str, Any],
+    summaries: dict[str, RunSummary],
     descriptions: dict[str, str],
     ev: EvalConfig,
 ) -> list[ArmResult]:
@@ -170,7 +171,7 @@ def comparison(
         s = summaries[name]
         vs = compare(finals[baseline], finals[name], ev) if name != baseline else {}
         rounds = [r.accuracy for r in s.rounds] or (
-            [{t: m["accuracy"] for t, m in s.after.items()}] if s.after else []
+            [{t: m.accuracy for t, m in s.after.items()}] if s.after else []
         )
         out.append(
             ArmResult(
@@ -203,7 +204,7 @@ def comparison_table(rows: list[ArmResult], baseline: str) -> str:
         for t, m in r.accuracy.items():
             diff, p = comparison_cells(r.vs_baseline.get(t)) if r.arm != baseline else ("(baseline)", "-")
             lines.append(
-                f"| {r.arm} | {t} | {accuracy_cell(m)} | {diff} | {p} | {m['format_error_rate']:.0%} "
+                f"| {r.arm} | {t} | {accuracy_cell(m)} | {diff} | {p} | {m.format_error_rate:.0%} "
                 f"| {r.pairs} | {r.training_seconds:.0f} |"
             )
     return "\n".join(lines)

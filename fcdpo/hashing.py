@@ -54,11 +54,13 @@ FILE_KEYS = {"path", "file", "data_files"}
 def identity(obj: Any) -> Any:
     """A JSON-able content identity for cache keys: problem sets by digest, files by sha256, folders by
     their files, stage results by the files they stand for, pydantic models by their fields, models by
-    name + weights hash."""
+    name + weights hash (a :class:`~fcdpo.policy.Policy` says what keys it: ``cache_identity``)."""
     if hasattr(obj, "digest") and hasattr(obj, "problems"):  # ProblemSet
         return {"problems": obj.digest}
     if callable(getattr(obj, "files", None)):  # a stage result: the content of the files it stands for
         return {"files": [identity(Path(p)) for p in obj.files()]}
+    if callable(getattr(obj, "cache_identity", None)):  # a Policy: its model by weights, not by path
+        return identity(obj.cache_identity())
     if hasattr(obj, "weights_hash"):  # ResolvedModel
         return {"model": obj.name, "weights": obj.weights_hash}
     if isinstance(obj, Path):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fcdpo.evaluation import Metrics
 
 
 def _plt():
@@ -16,7 +19,7 @@ def _plt():
     return plt
 
 
-def accuracy_bars(before: dict[str, Any], after: dict[str, Any], path: str | Path) -> Path:
+def accuracy_bars(before: Metrics, after: Metrics, path: str | Path) -> Path:
     """Grouped bars: greedy pass@1 per task before and after training, with bootstrap CI error bars."""
     plt = _plt()
     tasks = list(before)
@@ -24,10 +27,10 @@ def accuracy_bars(before: dict[str, Any], after: dict[str, Any], path: str | Pat
     width = 0.38
     for i, (label, m) in enumerate((("before", before), ("after", after))):
         xs = [j + (i - 0.5) * width for j in range(len(tasks))]
-        acc = [m[t]["accuracy"] for t in tasks]
+        acc = [m[t].accuracy for t in tasks]
         err = [
-            [a - m[t]["ci"][0] for a, t in zip(acc, tasks, strict=True)],
-            [m[t]["ci"][1] - a for a, t in zip(acc, tasks, strict=True)],
+            [a - m[t].ci[0] for a, t in zip(acc, tasks, strict=True)],
+            [m[t].ci[1] - a for a, t in zip(acc, tasks, strict=True)],
         ]
         ax.bar(xs, acc, width, yerr=err, capsize=4, label=label)
     ax.set_xticks(range(len(tasks)), tasks)
@@ -57,13 +60,13 @@ def training_curves(history: Sequence[dict[str, float]], path: str | Path) -> Pa
     return Path(path)
 
 
-def pass_at_k_curves(before: dict[str, Any], after: dict[str, Any], path: str | Path) -> Path:
+def pass_at_k_curves(before: Metrics, after: Metrics, path: str | Path) -> Path:
     """pass@j for j = 1..k per task, before (dashed) and after (solid)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for task in before:
         for label, m, style in (("before", before, "--"), ("after", after, "-")):
-            pk = m[task].get("pass_at_k")
+            pk = m[task].pass_at_k
             if pk:
                 ks = sorted(int(j) for j in pk)
                 ax.plot(ks, [pk[str(j)] for j in ks], style, marker="o", label=f"{task} {label}")
@@ -77,7 +80,7 @@ def pass_at_k_curves(before: dict[str, Any], after: dict[str, Any], path: str | 
     return Path(path)
 
 
-def accuracy_by_arm(arms: dict[str, dict[str, Any]], path: str | Path) -> Path:
+def accuracy_by_arm(arms: dict[str, Metrics], path: str | Path) -> Path:
     """Grouped bars: each arm's final greedy pass@1 per task, with bootstrap CI error bars."""
     plt = _plt()
     tasks = sorted({t for m in arms.values() for t in m})
@@ -85,10 +88,10 @@ def accuracy_by_arm(arms: dict[str, dict[str, Any]], path: str | Path) -> Path:
     width = 0.8 / max(1, len(arms))
     for i, (arm, m) in enumerate(arms.items()):
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(tasks))]
-        acc = [m[t]["accuracy"] if t in m else 0.0 for t in tasks]
+        acc = [m[t].accuracy if t in m else 0.0 for t in tasks]
         err = [
-            [a - m[t]["ci"][0] if t in m else 0.0 for a, t in zip(acc, tasks, strict=True)],
-            [m[t]["ci"][1] - a if t in m else 0.0 for a, t in zip(acc, tasks, strict=True)],
+            [a - m[t].ci[0] if t in m else 0.0 for a, t in zip(acc, tasks, strict=True)],
+            [m[t].ci[1] - a if t in m else 0.0 for a, t in zip(acc, tasks, strict=True)],
         ]
         ax.bar(xs, acc, width, yerr=err, capsize=3, label=arm)
     ax.set_xticks(range(len(tasks)), tasks)

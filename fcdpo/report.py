@@ -10,14 +10,17 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, computed_field
 
-from fcdpo.evaluation import EvalResult
+from fcdpo.evaluation import Comparison, EvalConfig, EvalResult, Metrics, TaskComparison, TaskMetrics
 from fcdpo.pairs import PairsResult
 from fcdpo.sampling import ChainsResult
 from fcdpo.training import TrainResult
+
+if TYPE_CHECKING:
+    from fcdpo.rounds import RoundResult
 
 
 class Stopwatch(dict[str, float]):
@@ -58,14 +61,14 @@ class RoundSummary(BaseModel):
     training_seconds: float
     steps: int
     accuracy: dict[str, float] = {}
-    difference: dict[str, dict[str, Any]] = {}
+    difference: Comparison = {}
 
     @classmethod
-    def of(cls, r: Any, before: EvalResult | None, ev: Any) -> RoundSummary:
-        """``r``: a ``fcdpo.stages.RoundResult``; ``difference``: its student vs the untrained one, per task."""
+    def of(cls, r: RoundResult, before: EvalResult | None, ev: EvalConfig) -> RoundSummary:
+        """Round ``r``; ``difference``: its student vs the untrained one, per task."""
         from fcdpo.evaluation import compare
 
-        acc = {t: m["accuracy"] for t, m in r.evaluation.metrics.items()} if r.evaluation else {}
+        acc = {t: m.accuracy for t, m in r.evaluation.metrics.items()} if r.evaluation else {}
         diff = compare(before, r.evaluation, ev) if before and r.evaluation else {}
         return cls(
             round=r.round,
@@ -83,13 +86,13 @@ class RoundSummary(BaseModel):
 class ExtraSetSummary(BaseModel):
     """A user's own evaluation set (``evaluation.extra_sets``): per task before/after and their comparison."""
 
-    before: dict[str, dict[str, Any]]
-    after: dict[str, dict[str, Any]] | None = None  # None: no trained student (stages without train)
-    comparison: dict[str, dict[str, Any]] | None = None
+    before: Metrics
+    after: Metrics | None = None  # None: no trained student (stages without train)
+    comparison: Comparison | None = None
 
     @classmethod
     def of(
-        cls, before: EvalResult, after: EvalResult | None = None, comparison: dict[str, Any] | None = None
+        cls, before: EvalResult, after: EvalResult | None = None, comparison: Comparison | None = None
     ) -> ExtraSetSummary:
         return cls(before=before.metrics, after=after.metrics if after else None, comparison=comparison)
 
@@ -117,9 +120,9 @@ class RunSummary(BaseModel):
     pairs: int = 0
     prompts_with_pairs: int = 0
     training: TrainingSummary | None = None
-    before: dict[str, dict[str, Any]] | None = None
-    after: dict[str, dict[str, Any]] | None = None
-    comparison: dict[str, dict[str, Any]] | None = None
+    before: Metrics | None = None
+    after: Metrics | None = None
+    comparison: Comparison | None = None
     seconds: dict[str, float] = {}
     engines_started: int = 0
     mlflow: TrackingLocation | None = None
@@ -142,7 +145,7 @@ class RunSummary(BaseModel):
         trained: TrainResult | None = None,
         before: EvalResult | None = None,
         after: EvalResult | None = None,
-        comparison: dict[str, dict[str, Any]] | None = None,
+        comparison: Comparison | None = None,
         seconds: dict[str, float] | None = None,
         **where: Any,
     ) -> RunSummary:
@@ -198,7 +201,7 @@ class RunSummary(BaseModel):
                 p = self.per_task.get(t)
                 chains, correct, pairs = (p.chains, p.correct, p.pairs) if p else (0, 0, 0)
             diff, pval = comparison_cells(c)
-            n = c["n"] if c else (mb or {}).get("n", "-")
+            n = c.n if c else (mb.n if mb else "-")
             lines.append(
                 f"| {t} | {n} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {pval} "
                 f"| {format_errors_cell(mb, ma)} | {chains} ({correct}) | {pairs} |"
@@ -209,7 +212,7 @@ class RunSummary(BaseModel):
             for t in x.comparison or x.before:
                 c, mb, ma = (x.comparison or {}).get(t), x.before.get(t), (x.after or {}).get(t)
                 diff, pval = comparison_cells(c)
-                lines.append(f"| {t} | {(c or mb)['n']} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} "
+                lines.append(f"| {t} | {(c or mb).n} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} "
                              f"| {pval} | {format_errors_cell(mb, ma)} |")  # fmt: skip
         if self.rounds:
             names = sorted({t for r in self.rounds for t in r.accuracy})
@@ -236,18 +239,23 @@ class RunSummary(BaseModel):
         }
         for when, metrics in (("before", self.before), ("after", self.after)):
             for t, m in (metrics or {}).items():
-                out[f"{t}.accuracy_{when}"] = m["accuracy"]
-                out[f"{t}.format_error_rate_{when}"] = m["format_error_rate"]
+                out[f"{t}.accuracy_{when}"] = m.accuracy
+                out[f"{t}.format_error_rate_{when}"] = m.format_error_rate
         for t, c in (self.comparison or {}).items():
-            out[f"{t}.difference"] = c["difference"]
-            out[f"{t}.difference_ci_low"], out[f"{t}.difference_ci_high"] = c["difference_ci"]
-            out[f"{t}.mcnemar_p"] = c["mcnemar_p"]
+            out[f"{t}.difference"] = c.difference
+            out[f"{t}.difference_ci_low"], out[f"{t}.difference_ci_high"] = c.difference_ci
+            out[f"{t}.mcnemar_p"] = c.mcnemar_p
         return out
 
     def eval_metrics(self) -> dict[str, dict[str, float]]:
         """``{"eval-before": {"arith.accuracy": ...}, "eval-after": ...}``: the numeric metrics per task."""
         return {
-            stage: {f"{t}.{k}": v for t, m in res.items() for k, v in m.items() if isinstance(v, int | float)}
+            stage: {
+                f"{t}.{k}": v
+                for t, m in res.items()
+                for k, v in m.model_dump().items()
+                if isinstance(v, int | float)
+            }
             for stage, res in (("eval-before", self.before), ("eval-after", self.after))
             if res
         }
@@ -258,26 +266,26 @@ class RunSummary(BaseModel):
         return Path(path)
 
 
-def accuracy_cell(m: dict[str, Any] | None) -> str:
+def accuracy_cell(m: TaskMetrics | None) -> str:
     """``12.0% (6.0%-20.0%)``: a task's accuracy with its 95% CI (``-`` when not evaluated)."""
-    return f"{m['accuracy']:.1%} ({m['ci'][0]:.1%}-{m['ci'][1]:.1%})" if m else "-"
+    return f"{m.accuracy:.1%} ({m.ci[0]:.1%}-{m.ci[1]:.1%})" if m else "-"
 
 
-def comparison_cells(c: dict[str, Any] | None) -> tuple[str, str]:
+def comparison_cells(c: TaskComparison | None) -> tuple[str, str]:
     """The paired difference with its 95% CI, and the McNemar p-value (``-`` without a comparison)."""
     if not c:
         return "-", "-"
-    lo, hi = c["difference_ci"]
-    return f"{c['difference']:+.1%} ({lo:+.1%}, {hi:+.1%})", f"{c['mcnemar_p']:.2g}"
+    lo, hi = c.difference_ci
+    return f"{c.difference:+.1%} ({lo:+.1%}, {hi:+.1%})", f"{c.mcnemar_p:.2g}"
 
 
-def format_errors_cell(mb: dict[str, Any] | None, ma: dict[str, Any] | None) -> str:
+def format_errors_cell(mb: TaskMetrics | None, ma: TaskMetrics | None) -> str:
     """Format-error rate before -> after."""
-    rates = [f"{m['format_error_rate']:.0%}" for m in (mb, ma) if m]
+    rates = [f"{m.format_error_rate:.0%}" for m in (mb, ma) if m]
     return " -> ".join(rates) or "-"
 
 
-def format_table(before: EvalResult, after: EvalResult, comparison: dict[str, Any]) -> str:
+def format_table(before: EvalResult, after: EvalResult, comparison: Comparison) -> str:
     """A markdown table of the before/after accuracy per task (the evaluation's report.md)."""
     lines = [
         "| task | n | before (95% CI) | after (95% CI) | difference (95% CI) | McNemar p | format errors before -> after |",
@@ -287,7 +295,7 @@ def format_table(before: EvalResult, after: EvalResult, comparison: dict[str, An
         mb, ma = before.metrics[task], after.metrics[task]
         diff, p = comparison_cells(c)
         lines.append(
-            f"| {task} | {c['n']} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {p} "
+            f"| {task} | {c.n} | {accuracy_cell(mb)} | {accuracy_cell(ma)} | {diff} | {p} "
             f"| {format_errors_cell(mb, ma)} |"
         )
     return "\n".join(lines)
@@ -297,19 +305,21 @@ def write_report(
     out_dir: Path,
     before: EvalResult,
     after: EvalResult,
-    comparison: dict[str, Any],
+    comparison: Comparison,
     history: Sequence[dict[str, float]] = (),
 ) -> str:
     """comparison.json, report.md (the before/after table, also returned) and the PNG plots."""
     from fcdpo import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    (out_dir / "comparison.json").write_text(
+        json.dumps({t: c.model_dump(mode="json") for t, c in comparison.items()}, indent=2)
+    )
     table = format_table(before, after, comparison)
     (out_dir / "report.md").write_text(table + "\n")
     plots.accuracy_bars(before.metrics, after.metrics, out_dir / "accuracy.png")
     if history:
         plots.training_curves(history, out_dir / "training_curves.png")
-    if any("pass_at_k" in m for m in before.metrics.values()):
+    if any(m.pass_at_k for m in before.metrics.values()):
         plots.pass_at_k_curves(before.metrics, after.metrics, out_dir / "pass_at_k.png")
     return table

@@ -1,37 +1,33 @@
-"""The method's stages as plain functions of the run config, each returning a typed result.
+"""The method's stages as plain functions, each returning a typed result.
 
-The Prefect tasks (``tasks/stages.py``) wrap exactly these, and ``flows/pipeline.py`` calls them in the
-method's order. Without Prefect (a notebook), call them in that same order::
+The Prefect tasks (``tasks/stages.py``) wrap exactly these, and ``flows/pipeline.py`` runs them in the
+method's order through ``flows.run.Run``. Who writes chains is a :class:`~fcdpo.policy.Policy`; the
+sampling and evaluation stages take one. Rounds (``fcdpo.rounds``) and extra evaluation sets are
+sequenced in ``flows/pipeline.py``. Without Prefect (a notebook), the same calls::
 
-    from fcdpo import stages
+    from fcdpo import rounds, stages
     from fcdpo.config import load_config
     from fcdpo.evaluation import compare
+    from fcdpo.policy import Policy
 
     cfg = load_config("configs/default.yaml")
     out = stages.run_dir(cfg)
     split = stages.load_problems(cfg.problems)
     teacher = stages.teacher_prompt(cfg.teacher, cfg.agent, split.train)
-    job = stages.SamplingJob.of(cfg, teacher.prompt)
-    shards = teacher.shards(cfg.teacher.sampling.shard_size)
-    with cfg.teacher.engine().open(teacher.to_sample, job.workload(shards[0])) as backend:
-        sampled = [stages.sample_shard(shard, job, out / "shards", backend) for shard in shards]
-    chains = stages.gather_chains(sampled, out / "chains.jsonl")
+    chains = stages.sample(cfg, Policy.teacher(cfg, teacher.prompt), teacher.to_sample, out / "teacher")
     paired = chains
-    if cfg.student.on_policy_samples:  # the untrained student's own incorrect chains: the rejected side
-        solved = stages.solved(split.train, chains)
-        own_job = stages.student_job(cfg, cfg.student.model, cfg.student.on_policy_samples)
-        with own_job.teacher.engine().open(solved, own_job.workload(solved)) as backend:
-            own = stages.sample_shard(solved, own_job, out / "student", backend)
-        own = stages.gather_chains([own], out / "student.jsonl")
+    if cfg.student.on_policy_samples:  # the untrained student's own chains: the rejected side of the pairs
+        solved = rounds.solved(split.train, chains)
+        own = Policy.on_policy(cfg, samples=cfg.student.on_policy_samples)
+        own = stages.sample(cfg, own, solved, out / "student")
         paired = stages.pool_chains(own, chains, out / "pooled.jsonl")
     args = (paired, split.train, cfg.student.prompt, cfg.pairs, cfg.labelling, out / "pairs")
     pairs = stages.build_pairs(*args)
-    trained = stages.train_student(pairs.parquet, cfg.student, out / "training")
-    ev, result = stages.EvalJob.of(cfg), {}
-    for name, adapter in (("before", None), ("after", trained.adapter_dir)):
-        with ev.engine(adapter).open(split.test, ev.workload(split.test)) as backend:
-            result[name] = stages.evaluate_student(split.test, ev, backend, out / "eval" / name)
-    comparison = compare(result["before"], result["after"], cfg.evaluation)
+    trained = stages.train_student(pairs.parquet, Policy.student(cfg), cfg.student.training, out / "training")
+    before = stages.evaluate_policy(cfg, Policy.student(cfg), split.test, out / "eval" / "before")
+    after = Policy.student(cfg, adapter=trained.adapter_dir)
+    after = stages.evaluate_policy(cfg, after, split.test, out / "eval" / "after")
+    comparison = compare(before, after, cfg.evaluation)
 """
 
 from __future__ import annotations
@@ -45,41 +41,38 @@ from pydantic import BaseModel
 from fcdpo import pairs as pairs_lib
 from fcdpo import sampling
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
-from fcdpo.backends import Backend, EngineSpec, Workload
-from fcdpo.config import ProblemsConfig, RunConfig, StudentConfig, TeacherConfig
+from fcdpo.backends import Backend, Workload
+from fcdpo.config import ProblemsConfig, RunConfig, TeacherConfig
 from fcdpo.demos import with_demonstrations
 from fcdpo.evaluation import EvalConfig, EvalResult, evaluate
 from fcdpo.hashing import digest, identity
 from fcdpo.labelling import LabellingConfig
-from fcdpo.models import merge_adapter, resolve_model
+from fcdpo.models import resolve_model
 from fcdpo.pairs import PairsConfig, PairsResult
+from fcdpo.policy import Policy
 from fcdpo.problems import ProblemSet, load_source
 from fcdpo.records import read_jsonl
 from fcdpo.sampling import ChainsResult, ShardResult, gather_chains, pool_chains, split_shards
-from fcdpo.training import MetricsSink, TrainResult, train_dpo
+from fcdpo.training import MetricsSink, TrainingConfig, TrainResult, train_dpo
 
 __all__ = [
     "EvalJob",
-    "RoundResult",
     "SamplingJob",
     "Split",
     "TeacherPrompt",
     "build_pairs",
+    "evaluate_policy",
     "evaluate_student",
     "gather_chains",
     "kept_after_interrupt",
     "load_extra_sets",
     "load_problems",
     "pool_chains",
-    "round_problems",
-    "round_sampler",
-    "round_student",
     "run_dir",
+    "sample",
     "sample_shard",
-    "solved",
     "split_problems",
     "stage_dir",
-    "student_job",
     "teacher_prompt",
     "train_student",
 ]
@@ -196,73 +189,54 @@ def teacher_prompt(teacher: TeacherConfig, limits: AgentLimits, train: ProblemSe
 
 
 class SamplingJob(BaseModel):
-    """What decides a teacher's chains besides the problems and the model's weights: the teacher's
-    settings, the agent's limits, the prompt with its demonstrations, and the labelling."""
+    """What decides a policy's chains besides the problems: the policy (its identity keys the cache by
+    weights), the agent's limits and the labelling."""
 
-    teacher: TeacherConfig
+    policy: Policy
     limits: AgentLimits
-    prompt: PromptSpec
     labelling: LabellingConfig
 
     @classmethod
-    def of(cls, cfg: RunConfig, prompt: PromptSpec) -> SamplingJob:
-        return cls(teacher=cfg.teacher, limits=cfg.agent, prompt=prompt, labelling=cfg.labelling)
+    def of(cls, cfg: RunConfig, policy: Policy) -> SamplingJob:
+        if policy.sampling is None:
+            raise ValueError("a sampling policy needs sampling settings (Policy.teacher / Policy.on_policy)")
+        return cls(policy=policy, limits=cfg.agent, labelling=cfg.labelling)
 
     def workload(self, shard: ProblemSet) -> Workload:
-        """What the teacher's engine holds for a shard: every chain at once, each as long as the limits allow."""
-        s = self.teacher.sampling
-        return Agent(self.prompt, self.limits).workload(
-            list(shard), s.samples_per_problem, s.max_tokens_per_step
-        )
+        """What the engine holds for a shard: every chain at once, each as long as the limits allow."""
+        return self.policy.workload(list(shard), self.limits)
 
 
 class EvalJob(BaseModel):
-    """What decides an evaluation besides the problems and the model's weights: the student's settings,
-    the agent's limits, the evaluation settings, and the labelling."""
+    """What decides an evaluation besides the problems: the policy evaluated, the agent's limits, the
+    evaluation settings, and the labelling."""
 
-    student: StudentConfig
+    policy: Policy
     limits: AgentLimits
     evaluation: EvalConfig
     labelling: LabellingConfig
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> EvalJob:
+    def of(cls, cfg: RunConfig, policy: Policy) -> EvalJob:
         return cls(
-            student=cfg.student.for_serving(),
+            policy=policy,
             limits=cfg.agent,
             evaluation=cfg.evaluation.model_copy(update={"extra_sets": []}),  # the problems are an input
             labelling=cfg.labelling,
         )
 
     def workload(self, test: ProblemSet) -> Workload:
-        """What a student's evaluation engine holds: one greedy chain per problem, or k sampled ones."""
+        """What the engine holds: one greedy chain per problem, or k sampled ones."""
         e = self.evaluation
-        return Agent(self.student.prompt, self.limits).workload(
-            list(test), max(e.k, 1), e.max_tokens_per_step
-        )
-
-    def engine(self, adapter: Path | None = None) -> EngineSpec:
-        """The engine serving the student: the base model, or base + adapter as a merged copy (cached by
-        hash) or through vLLM's LoRA support (``evaluation.adapter_mode: lora``)."""
-        base = self.student.engine()
-        if adapter is None:
-            return base
-        if self.evaluation.adapter_mode == "merged":
-            merged = merge_adapter(resolve_model(self.student.model), adapter)
-            return EngineSpec(base.backend, str(merged.path), base.options, base.setting)
-        options = {
-            **base.options,
-            "enable_lora": True,
-            "max_lora_rank": max(16, self.student.training.lora.r),
-        }
-        return EngineSpec(base.backend, base.model, options, base.setting, str(Path(adapter).resolve()))
+        return self.policy.workload(list(test), self.limits, max(e.k, 1), e.max_tokens_per_step)
 
 
 def sample_shard(shard: ProblemSet, job: SamplingJob, out_dir: str | Path, backend: Backend) -> ShardResult:
     """N chains per problem of one shard, each labelled as it finishes, appended to its shard file (a
     second call resumes the file: finished keys are skipped)."""
-    s = job.teacher.sampling
-    agent = Agent(job.prompt, job.limits, model_id=backend.model_id, chat=backend.chat)
+    s = job.policy.sampling
+    assert s is not None  # SamplingJob.of checks it
+    agent = Agent(job.policy.prompt, job.limits, model_id=backend.model_id, chat=backend.chat)
     return sampling.sample_shard(
         agent,
         backend,
@@ -293,100 +267,46 @@ def build_pairs(
 
 def train_student(
     pairs_parquet: str | Path,
-    student: StudentConfig,
+    policy: Policy,
+    training: TrainingConfig,
     out_dir: str | Path,
     callbacks: Sequence[MetricsSink] = (),
     init_adapter: str | Path | None = None,
 ) -> TrainResult:
-    """LoRA DPO (or the SFT baseline, ``training.objective``) of the student on the pairs; resumes from its
-    last checkpoint in ``out_dir``. ``init_adapter``: continue an earlier round's adapter."""
-    model = resolve_model(student.model)
+    """LoRA DPO (or the SFT baseline, ``training.objective``) of ``policy``'s model in its prompt on the
+    pairs; resumes from its last checkpoint in ``out_dir``. ``init_adapter``: continue an earlier round's
+    adapter."""
+    model = resolve_model(policy.model)
     return train_dpo(
-        pairs_parquet, model.path, out_dir, student.training, student.prompt,
+        pairs_parquet, model.path, out_dir, training, policy.prompt,
         model_id=model.model_id, model_hash=model.weights_hash, callbacks=callbacks, init_adapter=init_adapter,
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------ rounds
-
-
-@dataclass
-class RoundResult:
-    """One training round: who sampled its chains, its pairs, the adapter trained on them (applied to
-    ``base``), the student it makes, and that student's evaluation on the held-out problems."""
-
-    round: int
-    sampled_by: str
-    chains: ChainsResult | None
-    pairs: PairsResult
-    trained: TrainResult
-    base: str
-    evaluation: EvalResult | None = None
-
-    def student(self) -> Path:
-        """This round's student as one model folder (base + adapter merged; cached by content hash)."""
-        return merge_adapter(resolve_model(self.base), self.trained.adapter_dir).path
-
-
-def round_problems(train: ProblemSet, k: int, cfg: StudentConfig) -> ProblemSet:
-    """The training problems round ``k`` (>= 2) samples: all of them, or its own part of a split into one
-    disjoint part per round (``student.round.problems``)."""
-    if cfg.round.problems == "all":
-        return train
-    parts = cfg.rounds
-    return ProblemSet(f"{train.name}[round {k}]", tuple(p for i, p in enumerate(train) if i % parts == k - 1))
-
-
-def solved(train: ProblemSet, chains: ChainsResult) -> ProblemSet:
-    """The training problems with at least one correct chain in ``chains`` (the only ones whose pairs can
-    have a teacher's chain on the chosen side)."""
-    ids = {r.problem_id for r in read_jsonl(chains.path) if r.verdict == "correct"}
-    return ProblemSet(f"{train.name}[solved]", tuple(p for p in train if p.id in ids))
-
-
-def student_job(cfg: RunConfig, policy: str | Path, samples: int | None = None) -> SamplingJob:
-    """The student ``policy`` (a model folder or name) sampling in its own prompt: round 1's on-policy
-    negatives (``samples``: ``student.on_policy_samples``) and rounds >= 2 (``student.round``'s)."""
-    return SamplingJob(
-        teacher=round_sampler(cfg, policy, samples),
-        limits=cfg.agent,
-        prompt=cfg.student.prompt,
-        labelling=cfg.labelling,
-    )
-
-
-def round_sampler(cfg: RunConfig, policy: str | Path, samples: int | None = None) -> TeacherConfig:
-    """The student of the last round as the sampler of the next (on-policy: its own zero-shot prompt, the
-    student's backend, ``student.round`` chains per problem (or ``samples``) and temperature)."""
-    r, s = cfg.student.round, cfg.teacher.sampling
-    return TeacherConfig(
-        model=str(policy),
-        backend=cfg.student.backend,
-        backend_options=cfg.student.backend_options,
-        prompt=cfg.student.prompt,
-        n_demonstrations=0,
-        sampling=s.model_copy(
-            update={
-                "samples_per_problem": samples or r.samples_per_problem or s.samples_per_problem,
-                "temperature": r.temperature,
-            }
-        ),
-    )
-
-
-def round_student(cfg: RunConfig, previous: RoundResult) -> tuple[StudentConfig, Path | None]:
-    """What round k trains: the original model continuing the previous adapter (reference: the original),
-    or the previous round's merged student with a fresh adapter (reference: the previous policy)."""
-    student = cfg.student.for_training()
-    if cfg.student.round.reference == "original":
-        return student, previous.trained.adapter_dir
-    return student.model_copy(update={"model": str(previous.student())}), None
-
-
 def evaluate_student(test: ProblemSet, job: EvalJob, backend: Backend, out_dir: str | Path) -> EvalResult:
-    """Greedy pass@1 (+ pass@k) in the student's prompt and the run's agent loop; saved to ``out_dir``."""
+    """Greedy pass@1 (+ pass@k) of the job's policy in the run's agent loop; saved to ``out_dir``."""
     result = evaluate(
-        backend, list(test), job.student.prompt, job.limits, job.evaluation, job.labelling.build()
+        backend, list(test), job.policy.prompt, job.limits, job.evaluation, job.labelling.build()
     )
     result.save(out_dir)
     return result
+
+
+# ------------------------------------------------------------------ in a notebook: open the engine, run
+
+
+def sample(cfg: RunConfig, policy: Policy, problems: ProblemSet, out_dir: str | Path) -> ChainsResult:
+    """``policy``'s labelled chains on ``problems``, shard by shard through one engine, gathered into
+    ``out_dir/chains.jsonl`` (what the pipeline's sampling stages do, without Prefect)."""
+    job, out = SamplingJob.of(cfg, policy), Path(out_dir)
+    shards = split_shards(problems, policy.sampling.shard_size)  # type: ignore[union-attr]
+    with policy.engine().open(problems, job.workload(shards[0])) as backend:
+        done = [sample_shard(shard, job, out / "shards", backend) for shard in shards]
+    return gather_chains(done, out / "chains.jsonl")
+
+
+def evaluate_policy(cfg: RunConfig, policy: Policy, problems: ProblemSet, out_dir: str | Path) -> EvalResult:
+    """``policy`` on ``problems`` (greedy pass@1, + pass@k), through an engine of its own."""
+    job = EvalJob.of(cfg, policy)
+    with policy.engine().open(problems, job.workload(problems)) as backend:
+        return evaluate_student(problems, job, backend, out_dir)

@@ -1,4 +1,4 @@
-"""Sampling fan-out: the two executors of the pipeline's sampling stage.
+"""Sampling fan-out: the two executors of the pipeline's sampling stage (``flows.run.Run.sample`` picks).
 
 - ``local`` (default): every shard runs as a task in the flow process, all sharing one engine.
 - ``deployment``: every shard is a flow run of the ``sample-shard`` deployment (``flows/stages.py``) on the
@@ -20,45 +20,29 @@ from prefect import get_run_logger
 from prefect.context import get_run_context
 
 from fcdpo.config import RunConfig
-from fcdpo.models import model_identity
 from fcdpo.problems import ProblemSet
 from fcdpo.sampling import ShardResult
-from fcdpo.stages import SamplingJob, TeacherPrompt, stage_dir
+from fcdpo.stages import SamplingJob
 from tasks.common import Engines, missing_files, opaque_args
 from tasks.stages import sample_shard
-
-
-def sample_shards(cfg: RunConfig, teacher: TeacherPrompt, engines: Engines) -> list[ShardResult]:
-    """Every shard of the teacher's problems sampled (N chains per problem), by the configured executor."""
-    shards = teacher.shards(cfg.teacher.sampling.shard_size)
-    if cfg.orchestration.executor == "deployment":
-        results = sample_by_deployment(cfg, len(shards))
-        if not any(missing_files(r) for r in results):
-            return results
-    job, teacher_id = (
-        SamplingJob.of(cfg, teacher.prompt),
-        model_identity(cfg.teacher.model, cfg.teacher.backend),
-    )
-    return sample_local(shards, job, teacher_id, str(stage_dir(cfg, "shards")), engines)
 
 
 def sample_local(
     shards: list[ProblemSet],
     job: SamplingJob,
-    model_id: str,
     out: str,
     engines: Engines,
     refresh: bool = False,
 ) -> list[ShardResult]:
     """Shard after shard in this process, through one shared engine (opened only if a shard misses cache),
-    into shard files under ``out``; the teacher's shards and a student's own. A shard whose cached file is
+    into shard files under ``out``; any policy's shards (the teacher's, a student's own). A shard whose cached file is
     gone (the run folder deleted, or the same config run from another directory) runs again with its cache
     refreshed."""
     task = sample_shard.with_options(refresh_cache=True) if refresh else sample_shard
-    results = [task(*opaque_args((shard, job, model_id, out, engines))) for shard in shards]
+    results = [task(*opaque_args((shard, job, out, engines))) for shard in shards]
     if not refresh and any(missing_files(r) for r in results):
         get_run_logger().warning("sample-shard: cached shard files are missing on disk; sampling again")
-        return sample_local(shards, job, model_id, out, engines, refresh=True)
+        return sample_local(shards, job, out, engines, refresh=True)
     return results
 
 

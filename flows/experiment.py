@@ -97,8 +97,8 @@ def _publish(out: Path, rows: list[ArmResult], report: str, baseline: str) -> No
                 "arm": r.arm,
                 "task": t,
                 "accuracy": accuracy_cell(m),
-                "vs_baseline": r.vs_baseline.get(t, {}).get("difference", 0.0) if r.arm != baseline else None,
-                "mcnemar_p": r.vs_baseline.get(t, {}).get("mcnemar_p") if r.arm != baseline else None,
+                "vs_baseline": c.difference if (c := r.vs_baseline.get(t)) and r.arm != baseline else None,
+                "mcnemar_p": c.mcnemar_p if (c := r.vs_baseline.get(t)) and r.arm != baseline else None,
                 "pairs": r.pairs,
                 "training_s": round(r.training_seconds),
             }

@@ -5,8 +5,8 @@
 - ``sample-shard``: one shard of the teacher's sampling (the pipeline's ``deployment`` executor runs
   every shard as a flow run of this on the ``gpu`` work pool).
 
-They call the same cached tasks as ``flows/pipeline.py``, so a stage whose inputs did not change is
-read from cache here too.
+They go through the same :class:`~flows.run.Run` and cached tasks as ``flows/pipeline.py``, so a stage
+whose inputs did not change is read from cache here too.
 
     python -m flows.stages train --config configs/default.yaml --pairs runs/default/pairs/pairs.parquet
     python -m flows.stages evaluate --config configs/default.yaml [--adapter runs/default/training/adapter]
@@ -20,12 +20,11 @@ from prefect import flow
 
 from fcdpo.config import RunConfig
 from fcdpo.evaluation import EvalResult
-from fcdpo.models import model_identity
+from fcdpo.policy import Policy
 from fcdpo.sampling import ShardResult
-from fcdpo.stages import EvalJob, SamplingJob, run_dir, stage_dir
 from fcdpo.training import TrainResult
-from tasks.common import Engines, fresh
-from tasks.stages import build_teacher_prompt, evaluate_student, load_problems, sample_shard, train_student
+from flows.run import Run
+from tasks.stages import build_teacher_prompt, load_problems
 
 
 @flow(name="sample-shard", persist_result=True)
@@ -38,35 +37,30 @@ def sample_shard_flow(config: RunConfig, shard: int) -> ShardResult:
     shards = teacher.shards(config.teacher.sampling.shard_size)
     if not 0 <= shard < len(shards):
         raise ValueError(f"shard {shard} out of range: this config has {len(shards)} shards")
-    engines = Engines()
+    run = Run(config, split)
     try:
-        job = SamplingJob.of(config, teacher.prompt)
-        teacher_id = model_identity(config.teacher.model, config.teacher.backend)
-        return sample_shard(shards[shard], job, teacher_id, str(stage_dir(config, "shards")), engines)
+        return run.sample_shard(Policy.teacher(config, teacher.prompt), shards[shard])
     finally:
-        engines.close()
+        run.release()
 
 
 @flow(name="train", persist_result=True)
 def train_flow(config: RunConfig, pairs_parquet: str, out: str | None = None) -> TrainResult:
-    """DPO (LoRA) of ``config.student`` on an existing pairs file."""
-    student_id = model_identity(config.student.model, config.student.backend)
-    out = out or str(run_dir(config) / "training")
-    return fresh(train_student, Path(pairs_parquet), config.student.for_training(), student_id, out)
+    """DPO (LoRA) of ``config.student`` on an existing pairs file (into ``out``, default the run's
+    ``training`` folder)."""
+    return Run(config).train(Policy.student(config), Path(pairs_parquet), into=out)
 
 
 @flow(name="evaluate", persist_result=True)
 def evaluate_flow(config: RunConfig, adapter: str | None = None, out: str | None = None) -> EvalResult:
-    """The student (base, or base + ``adapter``) on the config's held-out problems."""
-    split = load_problems(config.problems)
-    engines = Engines()
-    out = out or str(run_dir(config) / "eval" / ("after" if adapter else "before"))
+    """The student (base, or base + ``adapter``) on the config's held-out problems (into ``out``, default
+    the run's ``eval/before`` or ``eval/after``)."""
+    run = Run(config, load_problems(config.problems))
     try:
-        student_id = model_identity(config.student.model, config.student.backend)
-        adapter_dir = Path(adapter) if adapter else None
-        return fresh(evaluate_student, split.test, EvalJob.of(config), student_id, adapter_dir, out, engines)
+        at = "eval/after" if adapter else "eval/before"
+        return run.evaluate(Policy.student(config, adapter=adapter), run.split.test, at, into=out)
     finally:
-        engines.close()
+        run.release()
 
 
 if __name__ == "__main__":
@@ -89,4 +83,4 @@ if __name__ == "__main__":
         trained = train_flow(cfg, a.pairs)
         print(json.dumps({"adapter": str(trained.adapter_dir), "steps": trained.steps}))
     else:
-        print(json.dumps(evaluate_flow(cfg, a.adapter).metrics))
+        print(evaluate_flow(cfg, a.adapter).metrics_json())

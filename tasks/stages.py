@@ -12,21 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from fcdpo import experiment, report, stages
-from fcdpo.config import StudentConfig
-from fcdpo.evaluation import EvalResult
+from fcdpo.evaluation import Comparison, EvalResult
 from fcdpo.experiment import ArmResult
 from fcdpo.pairs import concat_pairs as concat_pairs_lib
+from fcdpo.policy import Policy
 from fcdpo.problems import ProblemSet
 from fcdpo.sampling import ShardResult
 from fcdpo.sampling import pool_chains as pool_chains_lib
 from fcdpo.stages import EvalJob, SamplingJob
-from fcdpo.training import TrainResult
+from fcdpo.training import MetricsSink, TrainingConfig, TrainResult
 from tasks.common import Engines, content_key, stamped, transient
 
 CACHED = dict(cache_key_fn=content_key, persist_result=True)
@@ -43,12 +42,10 @@ pool_chains = task(stamped(pool_chains_lib), name="pool-chains", **CACHED)
 
 
 @task(name="sample-shard", tags=["engine"], **CACHED, **RETRIED)
-def sample_shard(
-    shard: ProblemSet, job: SamplingJob, model_id: str, out_dir: str, engines: Engines
-) -> ShardResult:
-    """N labelled chains per problem of one shard; a retry resumes the shard file. ``model_id`` (name +
-    weights hash) keys the cache."""
-    backend = engines.get(job.teacher.engine(), shard, job.workload(shard))
+def sample_shard(shard: ProblemSet, job: SamplingJob, out_dir: str, engines: Engines) -> ShardResult:
+    """N labelled chains per problem of one shard by the job's policy (keyed by its weights); a retry
+    resumes the shard file."""
+    backend = engines.get(job.policy.engine(), shard, job.workload(shard))
     return stages.sample_shard(shard, job, out_dir, backend)
 
 
@@ -59,17 +56,17 @@ def sample_shard(
 @stamped
 def train_student(
     pairs_parquet: Path,
-    student: StudentConfig,
-    model_id: str,
+    policy: Policy,
+    training: TrainingConfig,
     out_dir: str,
-    tracking: Any = None,
+    tracking: MetricsSink | None = None,
     init_adapter: Path | None = None,
 ) -> TrainResult:
-    """LoRA DPO (or SFT) of the student; resumes from its last checkpoint when retried. ``tracking`` receives
-    the training metrics as they are logged; each logged step is also a line in the task's log.
-    ``init_adapter``: an earlier round's adapter to continue (its files are in the cache key)."""
-    callbacks = [_log_step, *([tracking.training_metrics] if tracking else [])]
-    return stages.train_student(pairs_parquet, student, out_dir, callbacks, init_adapter)
+    """LoRA DPO (or SFT) of the policy's model (keyed by its weights); resumes from its last checkpoint when
+    retried. ``tracking`` receives the training metrics as they are logged; each logged step is also a line
+    in the task's log. ``init_adapter``: an earlier round's adapter to continue (its files are in the key)."""
+    callbacks = [_log_step, *([tracking] if tracking else [])]
+    return stages.train_student(pairs_parquet, policy, training, out_dir, callbacks, init_adapter)
 
 
 def _log_step(step: int, metrics: dict[str, float]) -> None:
@@ -78,11 +75,9 @@ def _log_step(step: int, metrics: dict[str, float]) -> None:
 
 @task(name="evaluate-student", tags=["engine"], **CACHED, **RETRIED)
 @stamped
-def evaluate_student(
-    test: ProblemSet, job: EvalJob, model_id: str, adapter: Path | None, out_dir: str, engines: Engines
-) -> EvalResult:
-    """Greedy pass@1 (+ pass@k) of the student, base or base + adapter, in the sampling agent loop."""
-    backend = engines.get(job.engine(adapter), test, job.workload(test))
+def evaluate_student(test: ProblemSet, job: EvalJob, out_dir: str, engines: Engines) -> EvalResult:
+    """Greedy pass@1 (+ pass@k) of the job's policy (a student, base or base + adapter) in the agent loop."""
+    backend = engines.get(job.policy.engine(), test, job.workload(test))
     return stages.evaluate_student(test, job, backend, out_dir)
 
 
@@ -104,11 +99,11 @@ class ReportFiles:
 @task(name="write-report", **CACHED)
 @stamped
 def write_report(
-    out_dir: str,
     before: EvalResult,
     after: EvalResult,
-    comparison: dict[str, Any],
+    comparison: Comparison,
     history: list[dict[str, float]],
+    out_dir: str,
 ) -> ReportFiles:
     """report.md, comparison.json and the plots of a before/after comparison; keyed by the evaluations'
     files and the comparison, so a re-run with the same results draws nothing."""

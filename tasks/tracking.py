@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from fcdpo.config import RunConfig
+from fcdpo.experiment import ArmResult
 from fcdpo.hashing import file_sha256
 from fcdpo.pairs import PairsResult
 from fcdpo.report import RunSummary, TrackingLocation
+from fcdpo.rounds import RoundResult
 from fcdpo.sampling import ChainsResult
 from fcdpo.secrets import redact
 from fcdpo.stages import Split
-from fcdpo.training import TrainResult
+from fcdpo.training import MetricsSink, TrainResult
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's experiment-kind tag: its training view
@@ -132,17 +134,11 @@ class Tracker:
         """The training callback (fcdpo.training.MetricsSink): streamed into the train-dpo child run."""
         self.metrics("train-dpo", metrics, step)
 
-    def sink(self, stage: str) -> Any:
-        """A training-metrics receiver (``.training_metrics``) streaming into ``stage``'s child run."""
-        tracker = self
+    def sink(self, stage: str) -> MetricsSink:
+        """A training callback streaming into ``stage``'s child run (a later round's training)."""
+        return lambda step, metrics: self.metrics(stage, metrics, step)
 
-        class _Sink:
-            def training_metrics(self, step: int, metrics: dict[str, float]) -> None:
-                tracker.metrics(stage, metrics, step)
-
-        return _Sink()
-
-    def round(self, r: Any, init_adapter: Path | None) -> None:
+    def round(self, r: RoundResult) -> None:
         """Round ``r.round``'s lineage on its own child run: the model that sampled its chains (tag
         ``fcdpo.sampled_by``), the chains and pairs as its inputs, the adapter it started from and the one it
         trained (artifact), and its student's held-out accuracy."""
@@ -152,7 +148,7 @@ class Tracker:
             "fcdpo.round": str(r.round),
             "fcdpo.sampled_by": r.sampled_by,
             "fcdpo.trained_on": str(r.pairs.parquet),
-            "fcdpo.init_adapter": str(init_adapter or ""),
+            "fcdpo.init_adapter": str(r.init_adapter or ""),
             "fcdpo.base_model": str(r.base),
         }
         for k, v in tags.items():
@@ -164,7 +160,7 @@ class Tracker:
         m = {"chains": r.chains.chains if r.chains else 0, "correct_chains": r.chains.correct if r.chains else 0,
              "pairs": r.pairs.n_pairs, "training_seconds": r.trained.seconds}  # fmt: skip
         if r.evaluation is not None:
-            m.update({f"{t}.accuracy": v["accuracy"] for t, v in r.evaluation.metrics.items()})
+            m.update({f"{t}.accuracy": v.accuracy for t, v in r.evaluation.metrics.items()})
         self.metrics(stage, m)
 
     def artifacts(self, stage: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -346,20 +342,20 @@ class ExperimentTracker:
         client.log_param(run.info.run_id, "baseline", exp.config.baseline)
         return cls(client, run.info.run_id)
 
-    def finish(self, out: Path, rows: list[Any], summaries: dict[str, RunSummary]) -> None:
-        """``rows``: ``fcdpo.experiment.ArmResult`` per arm; ``out``: the folder holding the report files."""
+    def finish(self, out: Path, rows: list[ArmResult], summaries: dict[str, RunSummary]) -> None:
+        """``rows``: one per arm; ``out``: the folder holding the report files."""
         c, parent = self.client, self.run_id
         on_parent: dict[str, float] = {}
         for r in rows:
             vs = {
-                f"{t}.{key}": v[field]
+                f"{t}.{key}": getattr(v, field)
                 for t, v in r.vs_baseline.items()
                 for key, field in (("vs_baseline", "difference"), ("vs_baseline_mcnemar_p", "mcnemar_p"))
             }  # NaN for the baseline itself (no paired difference): not logged
             if summaries[r.arm].mlflow:
                 log_metrics(c, summaries[r.arm].mlflow.run_id, vs)
             on_parent.update({f"{r.arm}.{k}": v for k, v in vs.items()})
-            on_parent.update({f"{r.arm}.{t}.accuracy": m["accuracy"] for t, m in r.accuracy.items()})
+            on_parent.update({f"{r.arm}.{t}.accuracy": m.accuracy for t, m in r.accuracy.items()})
         log_metrics(c, parent, on_parent)
         for f in ("report.md", "comparison.json", "accuracy_by_arm.png", "accuracy_by_round.png"):
             if (out / f).is_file():

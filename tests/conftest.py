@@ -318,10 +318,10 @@ def check_mlflow_record(client, summary, flow_run_id, registered="fcdpo-student"
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     m, c = parent.data.metrics, summary.comparison
-    assert m["all.accuracy_before"] == summary.before["all"]["accuracy"]
-    assert m["all.accuracy_after"] == summary.after["all"]["accuracy"] == c["all"]["after"]
-    assert m["all.difference"] == c["all"]["difference"] and m["all.mcnemar_p"] == c["all"]["mcnemar_p"]
-    assert (m["all.difference_ci_low"], m["all.difference_ci_high"]) == tuple(c["all"]["difference_ci"])
+    assert m["all.accuracy_before"] == summary.before["all"].accuracy
+    assert m["all.accuracy_after"] == summary.after["all"].accuracy == c["all"].after
+    assert m["all.difference"] == c["all"].difference and m["all.mcnemar_p"] == c["all"].mcnemar_p
+    assert (m["all.difference_ci_low"], m["all.difference_ci_high"]) == tuple(c["all"].difference_ci)
     assert m["pairs"] == summary.pairs and m["chains"] == summary.chains and m["seconds.training"] > 0
     assert {f"{t}.accuracy_after" for t in c} <= set(m)
 
@@ -340,7 +340,7 @@ def check_mlflow_record(client, summary, flow_run_id, registered="fcdpo-student"
     assert set(inputs("train-dpo")) == {("pairs", "training")}
     for stage in ("eval-before", "eval-after"):
         assert set(inputs(stage)) == {("held-out problems", "evaluation")}
-        assert runs[stage].data.metrics["all.accuracy"] == getattr(summary, stage[5:])["all"]["accuracy"]
+        assert runs[stage].data.metrics["all.accuracy"] == getattr(summary, stage[5:])["all"].accuracy
     pairs_ds = inputs("train-dpo")[("pairs", "training")]
     assert len(pairs_ds.digest) >= 16 and "chosen" in pairs_ds.schema and pairs_ds.source
     samples = {a.path for a in client.list_artifacts(runs["train-dpo"].info.run_id, "data")}

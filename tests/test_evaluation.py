@@ -64,12 +64,12 @@ def test_evaluate_reports_accuracy_format_errors_and_pass_at_k(problems):
     assert {r.problem_id for r in good.greedy} == {p.id for p in problems} and len(good.sampled) == 3 * 16
     for task in ("fol", "arith", "all"):
         m = good.metrics[task]
-        assert m["accuracy"] == 1.0 and m["ci"] == [1.0, 1.0] and m["format_error_rate"] == 0.0
-        assert m["pass_at_k"] == {"1": 1.0, "2": 1.0, "3": 1.0} and m["mean_steps"] > 1
-    assert good.metrics["fol"]["n"] == 8 and good.metrics["all"]["n"] == 16
+        assert m.accuracy == 1.0 and m.ci == (1.0, 1.0) and m.format_error_rate == 0.0
+        assert m.pass_at_k == {"1": 1.0, "2": 1.0, "3": 1.0} and m.mean_steps > 1
+    assert good.metrics["fol"].n == 8 and good.metrics["all"].n == 16
     bad = evaluate(CallableBackend(_garbage), problems, cfg=cfg)
     m = bad.metrics["all"]
-    assert m["accuracy"] == 0.0 and m["format_error_rate"] == 1.0 and m["mean_steps"] == 0
+    assert m.accuracy == 0.0 and m.format_error_rate == 1.0 and m.mean_steps == 0
 
 
 def test_compare_pairs_problems_and_tests_the_difference(problems, tmp_path):
@@ -77,9 +77,9 @@ def test_compare_pairs_problems_and_tests_the_difference(problems, tmp_path):
     before = evaluate(CallableBackend(_garbage), problems, cfg=cfg)
     after = evaluate(OracleBackend(problems), problems, limits=LONG, cfg=cfg)
     c = compare(before, after, cfg)
-    assert c["all"]["n"] == 16 and c["all"]["difference"] == 1.0 and c["all"]["improved"] == 16
-    assert c["all"]["regressed"] == 0 and c["all"]["mcnemar_p"] == pytest.approx(2 / 2**16)
-    assert c["all"]["difference_ci"] == [1.0, 1.0] and set(c) == {"fol", "arith", "all"}
+    assert c["all"].n == 16 and c["all"].difference == 1.0 and c["all"].improved == 16
+    assert c["all"].regressed == 0 and c["all"].mcnemar_p == pytest.approx(2 / 2**16)
+    assert c["all"].difference_ci == (1.0, 1.0) and set(c) == {"fol", "arith", "all"}
     table = format_table(before, after, c)
     assert "| all | 16 | 0.0% (0.0%-0.0%) | 100.0% (100.0%-100.0%) | +100.0%" in table
 

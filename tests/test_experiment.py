@@ -146,7 +146,7 @@ def test_a_second_round_samples_on_policy_and_continues_from_the_first_adapter(
     assert one.sampled_by.startswith(str(tiny_model.name)) is False and "oracle" in one.sampled_by
     assert "merged-" in two.sampled_by  # round 2's chains come from round 1's student, merged
     assert two.chains > 0 and two.pairs > 0 and two.steps == 2
-    assert set(s.after) == set(two.accuracy) | {"all"} or s.after["all"]["accuracy"] == two.accuracy["all"]
+    assert set(s.after) == set(two.accuracy) | {"all"} or s.after["all"].accuracy == two.accuracy["all"]
 
     out = Path(cfg.out_dir) / cfg.name
     m1 = _manifest(out / "training")
@@ -334,7 +334,7 @@ def test_extra_evaluation_sets_are_reported_beside_the_held_out_split(harness, t
     assert state.is_completed(), state
     s = state.result()
     x = s.extra_sets["my-set"]
-    assert x.before["all"]["n"] == x.after["all"]["n"] == 5 and x.comparison["all"]["n"] == 5
+    assert x.before["all"].n == x.after["all"].n == 5 and x.comparison["all"].n == 5
     assert "extra set `my-set`" in s.table
     out = Path(cfg.out_dir) / cfg.name / "eval" / "my-set"
     assert len((out / "before" / "greedy.jsonl").read_text().splitlines()) == 5
@@ -363,7 +363,7 @@ def test_extra_sets_are_reported_without_training_too(harness, tmp_path, tiny_mo
     assert state.is_completed(), state
     s = state.result()
     x = s.extra_sets["mine"]
-    assert x.before["all"]["n"] == 4 and x.after is None and x.comparison is None
+    assert x.before["all"].n == 4 and x.after is None and x.comparison is None
     assert "extra set `mine`:" in s.table
     row = next(
         line for line in s.table.split("extra set `mine`:")[1].splitlines() if line.startswith("| all |")

@@ -129,7 +129,7 @@ def test_single_stage_flows_retrain_from_pairs_and_evaluate_an_adapter(harness, 
     trained = train_flow(cfg, str(pr.parquet), str(tmp_path / "t"))
     assert trained.steps == 2 and (tmp_path / "t" / "adapter" / "fcdpo_manifest.json").is_file()
     metrics = evaluate_flow(cfg, str(trained.adapter_dir), str(tmp_path / "ev")).metrics
-    assert metrics["all"]["n"] > 0 and metrics["all"]["accuracy"] == 1.0
+    assert metrics["all"].n > 0 and metrics["all"].accuracy == 1.0
     assert (tmp_path / "ev" / "greedy.jsonl").is_file()
 
 

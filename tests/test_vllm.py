@@ -333,6 +333,7 @@ def test_a_run_configs_student_engine_serves_a_lora_adapter_through_sessions_as_
     from fcdpo.backends import EngineSpec
     from fcdpo.config import load_config
     from fcdpo.models import merge_adapter, resolve_model
+    from fcdpo.policy import Policy
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(
@@ -346,7 +347,6 @@ def test_a_run_configs_student_engine_serves_a_lora_adapter_through_sessions_as_
     split = stages.load_problems(cfg.problems)
     test = [p for task in ("fol", "arith") for p in [q for q in split.test if q.task == task][:4]]
     assert len(test) == 8
-    ev = stages.EvalJob.of(cfg)
     base = resolve_model(cfg.student.model)
     lora = cfg.student.training.lora  # the run config's shape; B small but not zero
     adapter = random_lora_adapter(
@@ -358,7 +358,8 @@ def test_a_run_configs_student_engine_serves_a_lora_adapter_through_sessions_as_
         b_scale=0.02,
     )
 
-    spec = ev.engine(adapter)
+    ev = stages.EvalJob.of(cfg, Policy.student(cfg, adapter=adapter))
+    spec = ev.policy.engine()
     assert spec.adapter == str(adapter) and spec.options["enable_lora"] is True
     with spec.open(test, ev.workload(test)) as backend:
         assert backend.sessions is True  # the run config's engine: sessions, the default

@@ -66,32 +66,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from fcdpo.config import StudentConfig
     from fcdpo.labelling import LabellingConfig
+    from fcdpo.policy import Policy
     from fcdpo.stages import EvalJob, evaluate_student
 
+    policy = Policy(
+        model=args.model, backend=args.backend, adapter=args.adapter, adapter_mode=args.adapter_mode,
+        lora_rank=16 if args.adapter_mode == "lora" else None, setting="--backend",
+    )  # fmt: skip
     job = EvalJob(
-        student=StudentConfig(model=args.model, backend=args.backend),
+        policy=policy,
         limits=AgentLimits(max_steps=args.max_steps, max_tries=args.max_tries),
         evaluation=EvalConfig(
             k=args.k, temperature=args.temperature, seed=args.seed, adapter_mode=args.adapter_mode
         ),
         labelling=LabellingConfig(),
     )
-    adapter = Path(args.adapter) if args.adapter else None
-    with job.engine(adapter).open(problems, job.workload(problems)) as backend:
+    with policy.engine().open(problems, job.workload(problems)) as backend:
         result = evaluate_student(problems, job, backend, args.out)
     line = {
         "model": result.model_id,
         "adapter": args.adapter,
         "problems": args.problems,
         "per_task": {
-            t: {
-                "n": m["n"],
-                "accuracy": m["accuracy"],
-                "ci": m["ci"],
-                "format_error_rate": m["format_error_rate"],
-            }
+            t: m.model_dump(include={"n", "accuracy", "ci", "format_error_rate"})
             for t, m in result.metrics.items()
         },
     }
