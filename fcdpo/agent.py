@@ -191,6 +191,10 @@ class Chain:
     def done(self) -> bool:
         return self.record.stop_reason != "running"
 
+    def prompt(self) -> Prompt:
+        """The chain's next prompt: the header, the problem and every turn so far."""
+        return self.builder.render(self.problem, self.messages)
+
     def to_record(self) -> ChainRecord:
         """A copy of the record as it stands, with the answer the chain gave."""
         r, env = self.record, self.env
@@ -266,18 +270,10 @@ class Agent:
         )  # fmt: skip
         return Chain(problem, builder, env, functions, record)
 
-    def prompts(self, chains: Sequence[Chain]) -> list[Prompt]:
-        """The next prompt of every chain given (all must be active)."""
-        return [c.builder.render(c.problem, c.messages) for c in chains]
-
-    def advance(self, chains: Sequence[Chain], generations: Sequence[Generation | str]) -> None:
-        """Feed one reply to each chain and execute it."""
-        for c, g in zip(chains, generations, strict=True):
-            self.step(c, g if isinstance(g, Generation) else Generation(text=g))
-
-    def step(self, chain: Chain, gen: Generation) -> None:
-        """Feed one reply to a chain: parse it, run the call here, record the result."""
-        call = self._begin(chain, gen)
+    def step(self, chain: Chain, gen: Generation | str) -> None:
+        """Feed one reply to a chain: parse it, run the call here, record the result (the asynchronous
+        loop uses :meth:`astep`; this is its synchronous form, for a caller driving one chain)."""
+        call = self._begin(chain, gen if isinstance(gen, Generation) else Generation(text=gen))
         if call is not None:
             self._settle(chain, call, self._run(call))
 

@@ -161,7 +161,7 @@ async def roll_out(
             try:
                 await session.start()
                 while not chain.done:
-                    prompt = chain.builder.render(chain.problem, chain.messages)
+                    prompt = chain.prompt()
                     async with engine_places:
                         reply = await session.agenerate(prompt, replace(sampling, seed=step_seed(chain)))
                     order.generated(problem, reply.completion_tokens)

@@ -141,9 +141,9 @@ def test_failed_tries_stay_in_the_record_and_the_model_sees_the_error():
     backend = Script({P.question: ["Add(2, 3", "Add(a=2, b=3)", "Answer(5)", "Stop()"]})
     agent = Agent()
     chain = agent.new_chain(P)
-    agent.advance([chain], backend.generate(agent.prompts([chain]), [SamplingParams()]))
+    agent.step(chain, backend.generate([chain.prompt()], [SamplingParams()])[0])
     assert chain.n_failed == 1 and chain.messages[0].failed and chain.messages[1].failed
-    assert "Error: invalid syntax" in agent.prompts([chain])[0].rpartition(">>> Add(2, 3\n")[2]
+    assert "Error: invalid syntax" in chain.prompt().rpartition(">>> Add(2, 3\n")[2]
     [r] = run_chains(agent, backend, [P])
     assert r.stop_reason == "stop" and r.n_failed == 1 and [m.failed for m in r.messages][:2] == [True, True]
 
@@ -229,11 +229,11 @@ def test_each_chain_runs_on_its_own_no_chain_waits_for_the_slowest():
     assert finished.index("p1") >= 3 and finished[:3] == ["p2"] * 3, finished
     agent = Agent()
     chains = [agent.new_chain(P), agent.new_chain(Q)]
-    assert len(agent.prompts(chains)) == 2
-    agent.advance(chains, ["Stop()", "Add(a=1, b=1)"])
+    agent.step(chains[0], "Stop()")
+    agent.step(chains[1], "Add(a=1, b=1)")
     assert chains[0].done and not chains[1].done
     with pytest.raises(RuntimeError, match="already done"):
-        agent.advance(chains[:1], ["Stop()"])
+        agent.step(chains[0], "Stop()")
 
 
 def _problem(pid, task):
@@ -358,7 +358,8 @@ def test_chains_have_isolated_state():
     fol = Problem(id="f", task="fol", question="Is Tom a mammal?", answer="True", toolset="fol")
     agent = Agent()
     a, b = agent.new_chain(fol, 0), agent.new_chain(fol, 1)
-    agent.advance([a, b], ['Premise("Cat(tom)")', 'Prove("Cat(tom)")'])
+    agent.step(a, 'Premise("Cat(tom)")')
+    agent.step(b, 'Prove("Cat(tom)")')
     assert a.messages[-1].content == "Recorded." and b.messages[-1].content == "Unknown"
     assert a.env is not b.env and a.functions["Premise"] is not b.functions["Premise"]
 

@@ -80,9 +80,9 @@ def test_training_text_is_byte_identical_to_what_the_agent_sends_at_evaluation(p
         for m in decode_turns(row["chosen_messages"]):
             if m.role != "assistant":
                 continue
-            (sent,) = agent.prompts([chain])
+            sent = chain.prompt()
             assert training_text.startswith(sent)
-            agent.advance([chain], [Generation(text=" " + m.content)])
+            agent.step(chain, Generation(text=" " + m.content))
         assert chain.done and chain.builder.render(problem, chain.messages) == training_text
         t = tokenize_pair(tokenizer, PromptBuilder(TOOLSETS.get(row["toolset"]), TRANSCRIPT), row)
         assert tokenizer.decode(t["prompt_ids"] + t["chosen_ids"], skip_special_tokens=True) == training_text

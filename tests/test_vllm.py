@@ -71,34 +71,6 @@ def test_seeds_reproduce_the_same_chains(agent_and_set, vllm_backend, tmp_path):
     assert [r.seed for r in ra] == [r.seed for r in rb]
 
 
-def test_the_asynchronous_sampler_writes_the_chains_the_step_synchronous_loop_writes(
-    agent_and_set, vllm_backend, tmp_path
-):
-    """Continuous batching (each chain its own request stream) against the old loop (every active chain in
-    one generate per step), same seeds: the same chains, within vLLM's batch invariance (exact here)."""
-    from dataclasses import replace
-
-    from fcdpo.agent import chain_seed, step_seed
-
-    agent, rest = agent_and_set
-    sub = rest.head(3)
-    res = sample_shard(agent, vllm_backend, sub, 3, PARAMS, tmp_path / "async", base_seed=9)
-    key = lambda r: (r.problem_id, r.sample_index)  # noqa: E731
-    ours = sorted(read_jsonl(res.path), key=key)
-    chains = [agent.new_chain(p, i, chain_seed(9, p.id, i)) for p in sub for i in range(3)]
-    while active := [c for c in chains if not c.done]:
-        agent.advance(
-            active,
-            vllm_backend.generate(
-                agent.prompts(active), [replace(PARAMS, seed=step_seed(c)) for c in active]
-            ),
-        )
-    old = sorted((c.to_record() for c in chains), key=key)
-    assert [key(r) for r in ours] == [key(r) for r in old] and len(ours) == 9
-    same = sum(a.messages == b.messages for a, b in zip(ours, old, strict=True))
-    assert same >= 8, f"{same} of 9 chains identical"
-
-
 def test_a_prompt_too_long_aborts_only_its_chain(vllm_backend):
     prompts = ["Problem: What is 2+3?\n>>>", "word " * 5000]
     gens = vllm_backend.generate(prompts, [PARAMS, PARAMS])
@@ -293,7 +265,7 @@ def test_session_prompts_are_tokenized_from_a_line_start_to_the_tokens_of_the_wh
 
     def run(lines, tokenizer):
         for p in rest:
-            text, cut = agent.prompts([agent.new_chain(p)])[0], None
+            text, cut = agent.new_chain(p).prompt(), None
             for reply, result in turns:
                 ids, cut = lines(text, cut)
                 assert ids == tokenizer.encode(text)
