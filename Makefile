@@ -42,6 +42,7 @@ browser-check: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports  # the layering contract in pyproject.toml
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -26,7 +26,14 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, Strict
 
 from fcdpo.backends.base import Generation, Prompt, Workload
-from fcdpo.calls import DEFAULT_MAX_REPLY_CHARS, MAX_REPLY_CHARS, CallSyntaxError, parse_call, valid_text
+from fcdpo.calls import (
+    CALL_PREFIX,
+    DEFAULT_MAX_REPLY_CHARS,
+    MAX_REPLY_CHARS,
+    CallSyntaxError,
+    parse_call,
+    valid_text,
+)
 from fcdpo.hashing import digest
 from fcdpo.memory import chain_tokens
 from fcdpo.problems.base import Problem
@@ -35,10 +42,6 @@ from fcdpo.schema import ConfigModel
 from fcdpo.toolsets import TOOLSETS, ChainEnv, Function, FunctionError, Toolset
 
 TEMPLATE_VERSION = "fcdpo-agent-v2"  # v2: an empty result shows no line
-# The prompt ends at ">>>" and the model's reply starts with the space: ending a prompt in a space puts
-# an unnatural token boundary there (the demonstrations tokenise ">>> Add" as ">>>", " Add"), and the
-# 270M base model then wrote "25 = Add(...)" instead of a call.
-CALL_PREFIX = ">>>"
 
 DEFAULT_SYSTEM = (
     "You solve problems by calling functions, exactly one call per line, written like Python. "

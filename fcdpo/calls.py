@@ -15,6 +15,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+# The prompt ends at ">>>" and the model's reply starts with the space: ending a prompt in a space puts
+# an unnatural token boundary there (the demonstrations tokenise ">>> Add" as ">>>", " Add"), and the
+# 270M base model then wrote "25 = Add(...)" instead of a call.
+CALL_PREFIX = ">>>"
+
 DEFAULT_MAX_REPLY_CHARS = 2000
 MAX_REPLY_CHARS = 100_000  # the most any configuration may allow
 LITERAL_TYPES = (int, float, str, bool, type(None))

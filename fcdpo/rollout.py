@@ -27,13 +27,12 @@ import asyncio
 import concurrent.futures
 import heapq
 import math
-import threading
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fcdpo.agent import Agent, chain_seed, step_seed
-from fcdpo.backends.base import Backend, SamplingParams, default_window
+from fcdpo.backends.base import Backend, SamplingParams, default_window, run_sync
 from fcdpo.problems.base import Problem
 from fcdpo.records import ChainRecord
 
@@ -190,29 +189,6 @@ async def roll_out(
 def spare_chains(window: int) -> int:
     """Chains run beyond the engine's window, to fill the places of chains between two requests."""
     return max(1, window // 8)
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to its end from synchronous code, also where an event loop is already running in
-    this thread (a notebook, an async Prefect task): then in a thread of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=target, name="fcdpo-rollout")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def run_chains(

@@ -22,16 +22,16 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from fcdpo.agent import Agent
+from fcdpo.agent import Agent, AgentLimits
 from fcdpo.backends.base import Backend, SamplingParams
 from fcdpo.hashing import code_version, digest
-from fcdpo.labelling import AutoLabeller, verdict_counts
+from fcdpo.labelling import AutoLabeller, LabellingConfig, verdict_counts
 from fcdpo.problems.base import ProblemSet
 from fcdpo.records import ChainRecord, read_jsonl, write_jsonl
 from fcdpo.rollout import roll_out, run_sync
@@ -44,10 +44,10 @@ class ShardSpec(BaseModel):
     model_id: str
     prompt_hashes: dict[str, str] = Field(description="toolset -> prompt hash")
     samples: int
-    sampling: dict
-    limits: dict
+    sampling: SamplingParams = Field(description="every reply's parameters (seed None: each chain's own)")
+    limits: AgentLimits
     base_seed: int
-    labelling: dict = Field(description="what decides the verdicts written with the chains")
+    labelling: LabellingConfig = Field(description="what decides the verdicts written with the chains")
     code_version: str
 
     @property
@@ -204,10 +204,10 @@ def shard_spec(
         model_id=backend.model_id,
         prompt_hashes={t: agent.builder(t).hash for t in toolsets},
         samples=samples,
-        sampling={k: v for k, v in sampling.__dict__.items() if k != "seed"},
-        limits=agent.limits.model_dump(),
+        sampling=replace(sampling, seed=None),
+        limits=agent.limits,
         base_seed=base_seed,
-        labelling=(labeller or AutoLabeller()).identity,
+        labelling=LabellingConfig.model_validate((labeller or AutoLabeller()).identity),
         code_version=code_version(),
     )
 

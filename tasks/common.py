@@ -146,11 +146,10 @@ class Engines:
             self.close()
             self._open[spec.key] = backend = replace(spec, adapter=None).open(problems, workload)
             self.started += 1
-            plan = getattr(backend, "memory", None)  # the vllm backend's memory plan: say what it got
-            if plan is not None:
-                get_run_logger().info(f"{spec.backend} engine on {spec.model}: {plan.describe()}")
-        elif hasattr(self._open[spec.key], "learn"):  # a backend that answers known problems (the oracle)
-            self._open[spec.key].learn(problems)
+            if backend.memory is not None:  # an engine that runs here: say what memory it got
+                get_run_logger().info(f"{spec.backend} engine on {spec.model}: {backend.memory.describe()}")
+        else:
+            self._open[spec.key].learn(problems)  # the oracle answers known problems only
         return spec.select_adapter(self._open[spec.key])
 
     def close(self) -> None:

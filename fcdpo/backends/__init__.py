@@ -66,13 +66,7 @@ class EngineSpec:
 
     def select_adapter(self, backend: Backend) -> Backend:
         """``backend`` serving this spec's adapter (or none: the base model)."""
-        use = getattr(backend, "use_adapter", None)
-        if use is not None:
-            use(self.adapter)
-        elif self.adapter is not None:
-            raise ValueError(
-                f"the {self.backend} backend cannot select a LoRA adapter; use evaluation.adapter_mode: merged"
-            )
+        backend.use_adapter(self.adapter)
         return backend
 
 

@@ -7,9 +7,16 @@ Backends are registered by name in ``fcdpo.backends.BACKENDS``. A backend with `
 from __future__ import annotations
 
 import asyncio
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from fcdpo.memory import EnginePlan
+
+T = TypeVar("T")
 
 Prompt = str | list[dict[str, str]]
 
@@ -62,6 +69,22 @@ class Backend(ABC):
     # the requests the engine runs at once (its batch); the asynchronous sampler keeps default_window() of
     # this in flight (fcdpo.rollout); engines say what they batch
     max_in_flight: int = 256
+    # the memory plan of an engine that runs here (vLLM): what it was given and why; None elsewhere
+    memory: EnginePlan | None = None
+
+    # ------------------------------------------------------------ optional capabilities, declared here
+
+    def use_adapter(self, path: str | None, name: str = "adapter") -> None:
+        """Serve the LoRA adapter at ``path`` on top of the model (None: the base model). Only engines with
+        LoRA support (vLLM) can; the others serve an adapter merged into a model folder."""
+        if path is not None:
+            raise ValueError(
+                f"this backend ({type(self).__name__}) cannot select a LoRA adapter; use evaluation.adapter_mode: merged"
+            )
+
+    def learn(self, problems: Sequence[Any]) -> None:  # noqa: B027 - optional hook
+        """Take in more problems before sampling them: a backend that answers known problems (the oracle)
+        needs them; a model does not."""
 
     async def agenerate(self, prompt: Prompt, params: SamplingParams) -> Generation:
         """One generation, awaited (the asynchronous sampler's call). This default gathers the calls waiting
@@ -165,3 +188,26 @@ class CallableBackend(Backend):
                 Generation(text=text, prompt_tokens=len(str(prompt)) // 4, completion_tokens=len(text) // 4)
             )
         return out
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to its end from synchronous code, also where an event loop is already running in
+    this thread (a notebook, an async Prefect task): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="fcdpo-rollout")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

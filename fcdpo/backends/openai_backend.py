@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, default_window
+from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams, default_window, run_sync
 from fcdpo.errors import DeterministicError
 from fcdpo.secrets import redact_url, split_userinfo
 
@@ -159,7 +159,6 @@ class OpenAIBackend(Backend):
 
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Generation]:
         """All requests at once (at most ``default_window(concurrency)`` in flight), on an event loop of this call's own."""
-        from fcdpo.rollout import run_sync
 
         async def all_of_them() -> list[Generation]:
             try:

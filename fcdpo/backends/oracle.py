@@ -13,8 +13,8 @@ import re
 import time
 from collections.abc import Sequence
 
-from fcdpo.agent import CALL_PREFIX
 from fcdpo.backends.base import Backend, Generation, Prompt, SamplingParams
+from fcdpo.calls import CALL_PREFIX
 from fcdpo.problems.base import Problem
 
 _INT = re.compile(r"(?<![\w.])\d+(?![\w.])")
