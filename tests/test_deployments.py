@@ -45,7 +45,7 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    from flows.cli import start_servers, stop_servers
+    from flows.servers import start_servers, stop_servers
 
     tmp = tmp_path_factory.mktemp("servers")
     env = {"PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -327,7 +327,7 @@ def test_a_dead_gpu_worker_is_detected_by_heartbeat_and_its_shard_resumes_elsewh
     the shard run, so it stays Running until its heartbeats are missed; the automation `fcdpo deploy`
     created marks it Crashed, the pipeline triggers the shard again, another worker runs it, and the shard
     file holds every (problem, sample) exactly once."""
-    from flows.cli import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
+    from flows.deploy import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
 
     auto = _api(servers, lambda c: c.read_automations_by_name(ZOMBIE_AUTOMATION))
     assert len(auto) == 1 and auto[0].enabled
@@ -415,7 +415,7 @@ def test_fcdpo_up_detach_prints_urls_and_down_stops_them(tmp_path):
             [str(BIN / "fcdpo"), "down"], cwd=tmp_path, env=env, capture_output=True, text=True
         )
     assert down.returncode == 0, down.stderr
-    from flows.cli import _alive
+    from flows.servers import _alive
 
     assert not any(_alive(pid) for pid in pids.values())
 

@@ -235,7 +235,7 @@ def test_fcdpo_run_opens_the_tracking_store_before_the_flow_and_leaves_no_thread
 def test_fcdpo_run_uses_a_configured_server_from_env_or_profile(tmp_path, monkeypatch):
     """`fcdpo run` starts a temporary API only when no server is configured, in the environment or in
     the active Prefect profile."""
-    from flows.cli import _configured_api_url
+    from flows.api import configured_api_url as _configured_api_url
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv("PREFECT_PROFILE", raising=False)

@@ -51,7 +51,7 @@ def ballast():
 
 
 def test_an_engine_that_cannot_fit_fails_at_once_and_is_not_retried(harness, ballast, tmp_path, tiny_model):
-    from flows.cli import _cause
+    from flows.api import cause as _cause
     from flows.pipeline import pipeline
 
     assert machine_memory().usable < 4.4 * GiB  # the ballast is really held
