@@ -409,7 +409,7 @@ def main() -> None:
     be.close()
 
     # each chain one vLLM session, on an engine of its own: it has a quarter more places than the batch,
-    # for the sessions paused between turns (fcdpo.backends.vllm_backend.engine_plan)
+    # for the sessions paused between turns (fcdpo.backends.vllm_options.engine_plan)
     turn_kw = {} if args.turn_wait is None else {"turn_wait": args.turn_wait}
     be = VLLMBackend("gemma-3-270m", **kw, **turn_kw)  # sessions: the default
     sess_places = be.max_in_flight

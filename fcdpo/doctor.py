@@ -128,7 +128,7 @@ def doctor(config: str | Path = "configs/default.yaml", imports: bool = True) ->
         if spec.backend != "vllm":
             r.add(name, True, f"{spec.backend} backend: no local engine memory")
             continue
-        from fcdpo.backends.vllm_backend import engine_plan
+        from fcdpo.backends.vllm_options import engine_plan
 
         plan: EnginePlan = engine_plan(spec.model, spec.options, workload, spec.setting, check=False)
         r.add(name, plan.fits, plan.describe())

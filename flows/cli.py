@@ -110,14 +110,10 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def _warm_tracking(cfg: Any, override: str | None) -> None:
     """Open the run's MLflow store now, while the temporary Prefect API (a subprocess) starts: MLflow's
-    first open of a sqlite store checks its tables (~2 s here, plus ~1 s importing mlflow), and it keeps
-    the engine for every later client of that URI. A failure is left for the run's own first MLflow call
-    to report.
-
-    In this thread, not a background one: mlflow imports fastapi, which Prefect's flow engine imports
-    lazily, and CPython 3.11 can fail two threads importing one package at once (`KeyError: 'fastapi'`
-    from importlib, seen in CI). A background thread bought nothing the subprocess does not: the imports
-    hold the GIL."""
+    first open of a sqlite store checks its tables, and it keeps the engine for every later client of that
+    URI. A failure is left for the run's own first MLflow call to report. In this thread, not a background
+    one: mlflow imports fastapi, which Prefect's flow engine imports lazily, and CPython 3.11 can fail two
+    threads importing one package at once."""
     with contextlib.suppress(Exception):
         from mlflow import MlflowClient
 

@@ -135,7 +135,7 @@ def test_settings_reject_a_malformed_number(monkeypatch):
 def test_cpu_bf16_can_be_forced_off_for_the_engines_and_training(monkeypatch, tmp_path):
     """``FCDPO_CPU_BF16=0`` runs as on a CPU without native bf16 (float32 engines and training), whatever
     this CPU has; ``1`` forces bf16; anything else is an error naming the variable."""
-    from fcdpo.backends.vllm_backend import _default_dtype
+    from fcdpo.backends.vllm_options import _default_dtype
     from fcdpo.models import cpu_has_bf16
     from fcdpo.training import TrainingConfig, _common_args
 
@@ -184,7 +184,7 @@ def test_sessions_get_a_quarter_more_engine_places_and_their_kv():
     with ``sessions`` on (the default), the engine gets a quarter more places than the batch, and KV for
     each; a request per turn needs none."""
     from fcdpo.backends.base import Workload
-    from fcdpo.backends.vllm_backend import engine_plan
+    from fcdpo.backends.vllm_options import engine_plan
 
     w = Workload(64, 1000)
     plain = engine_plan(options={"max_num_seqs": 64, "sessions": False}, workload=w, check=False)

