@@ -601,6 +601,11 @@ def train_dpo(
             callbacks=[Emit()],
             ref_cache=cache_root / f"{key}.npz" if cfg.precompute_ref else None,
         )
+    if callbacks:  # the caller reports each logged step: no raw {'loss': ...} dicts printed beside it
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     last = last_checkpoint(out_dir / "checkpoints")
     _trim_metrics(out_dir / "metrics.jsonl", int(last.name.split("-", 1)[1]) if last else 0)
     trainer.train(resume_from_checkpoint=str(last) if last else None)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.api import EphemeralAPI, configured_api_url, run_flow
+from flows.console import chatter_to, quiet_loggers
 from flows.deploy import deploy
 from flows.servers import down, up
 
@@ -47,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if not args.verbose:
+        from fcdpo.stages import run_dir
+
+        log = chatter_to(run_dir(cfg) / "run.log")
+        print(f"fcdpo run: engine and trainer output goes to {log} (--verbose: here)", file=sys.stderr)
     server = None if configured_api_url() else EphemeralAPI()
     for w in warnings:
         print(f"fcdpo run: warning: {w}", file=sys.stderr)
@@ -93,6 +99,9 @@ def run_experiment(args: argparse.Namespace) -> int:
         f"fcdpo experiment: {args.config}, arms {', '.join(exp.arms)} (baseline {exp.config.baseline})",
         file=sys.stderr,
     )
+    if not args.verbose:
+        log = chatter_to(exp.out / "experiment.log")
+        print(f"fcdpo experiment: engine and trainer output goes to {log} (--verbose: here)", file=sys.stderr)
     server = None if configured_api_url() else EphemeralAPI()  # stopped at exit, after Prefect's flush
     _warm_tracking(exp.arms[exp.config.baseline], args.tracking_uri)
     from flows.experiment import experiment
@@ -119,6 +128,7 @@ def _warm_tracking(cfg: Any, override: str | None) -> None:
 
         from tasks.tracking import tracking_uri
 
+        quiet_loggers("mlflow", "alembic")  # their database messages: the log file (unless --verbose)
         uri = tracking_uri(cfg, override)
         MlflowClient(uri, registry_uri=uri)
 
@@ -169,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override an experiment key"
     )
     x.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the base config's)")
+    for p in (r, x):
+        p.add_argument(
+            "--verbose", action="store_true",
+            help="show what engines, trainers and servers print (default: the run's log file)",
+        )  # fmt: skip
     u = sub.add_parser("up", help="start a local Prefect server and MLflow server on 127.0.0.1")
     u.add_argument("--prefect-port", type=int, default=4200)
     u.add_argument("--mlflow-port", type=int, default=5000)

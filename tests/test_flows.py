@@ -202,6 +202,13 @@ def test_fcdpo_run_prints_results_table_and_mlflow_location(tmp_path, tiny_model
     assert s["mlflow"]["tracking_uri"] == "sqlite:///mlflow.db" and (tmp_path / "mlflow.db").is_file()
     assert any((tmp_path / "mlartifacts").rglob("fcdpo_manifest.json"))
     assert "temporary Prefect API" in out.stderr
+    # the terminal shows fcdpo's own lines; what the libraries print goes to the run's log file: here
+    # MLflow's messages on creating its database, and TRL's raw metrics dicts beside fcdpo's step lines
+    log = (tmp_path / "runs" / "cli" / "run.log").read_text()
+    assert "runs/cli/run.log (--verbose: here)" in out.stderr and "Task run 'train-student" in out.stderr
+    assert "Creating initial MLflow database tables" in log
+    assert "Creating initial MLflow database tables" not in out.stderr + out.stdout
+    assert "{'loss'" not in out.stderr + out.stdout + log and "step 2: " in out.stderr
 
 
 def test_fcdpo_run_opens_the_tracking_store_before_the_flow_and_leaves_no_thread_importing(tmp_path):
