@@ -37,7 +37,7 @@ test: setup
 browser-check: setup
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { echo "needs Debian's Chromium: apt-get install -y chromium chromium-driver"; exit 2; }
 	$(PY) -m pip install -q "selenium>=4.20"  # = the browser extra; no other package changes
-	$(PY) bench/browser.py --out runs/browser-check
+	$(PY) bench/browser.py --out runs/browser-check --images docs/img
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -47,6 +47,8 @@ CHROMIUM_FLAGS = [
     "--window-size=1600,1200",
 ]
 ML_VIEW = "workflowType=machine_learning"  # MLflow's training view (its GenAI view is the default)
+# page -> the README's picture of it (docs/img/)
+README_PICTURES = {"prefect-flow-run": "prefect-flow-run.png", "mlflow-logged-model": "mlflow-lineage.png"}
 
 
 def preflight() -> str | None:
@@ -229,6 +231,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/browser-check", help="screenshots and checks.json")
     ap.add_argument("--wait", type=float, default=45, help="seconds a page may take to show its data")
+    ap.add_argument(
+        "--images", default=None, help="also copy the README's two pictures here (the Prefect flow run, the "
+        "MLflow lineage of the trained adapter), when every page passed",
+    )  # fmt: skip
     args = ap.parse_args()
     problem = preflight()
     if problem:
@@ -266,6 +272,10 @@ def main() -> int:
             stop_up(proc)
     (out / "checks.json").write_text(json.dumps(results, indent=2))
     failed = [r["page"] for r in results if r["missing"]]
+    if args.images and not failed:
+        Path(args.images).mkdir(parents=True, exist_ok=True)
+        for page, picture in README_PICTURES.items():
+            shutil.copyfile(out / f"{page}.png", Path(args.images) / picture)
     print(
         json.dumps(
             {

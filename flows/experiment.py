@@ -28,7 +28,7 @@ from fcdpo.experiment import ArmResult, comparison, load_experiment
 from fcdpo.interrupt import signal_name
 from fcdpo.report import RunSummary, accuracy_cell
 from flows.pipeline import pipeline
-from tasks.common import fresh
+from flows.run import Run
 from tasks.stages import write_comparison
 from tasks.tracking import ExperimentTracker
 
@@ -71,7 +71,11 @@ def experiment(
             names, c.baseline, finals, summaries,
             {a.name: a.description for a in c.arms}, exp.arms[c.baseline].evaluation,
         )  # fmt: skip
-        report = fresh(write_comparison, str(exp.out), rows, c.baseline, f"experiment `{c.name}`").table
+        title = f"experiment `{c.name}`"  # the report, cached by the arms' rows, in the experiment's folder
+        report = Run(exp.arms[c.baseline]).stage(
+            "", write_comparison, rows, c.baseline, title, into=str(exp.out)
+        )
+        report = report.table
         _publish(exp.out, rows, report, c.baseline)
         tracker.finish(exp.out, rows, summaries)
     except BaseException as e:

@@ -113,7 +113,7 @@ def write_report(
 
 @task(name="write-comparison", **CACHED)
 @stamped
-def write_comparison(out_dir: str, rows: list[ArmResult], baseline: str, title: str) -> ReportFiles:
+def write_comparison(rows: list[ArmResult], baseline: str, title: str, out_dir: str) -> ReportFiles:
     """An experiment's report.md, comparison.json and plots by arm (and round); keyed by the arms' rows."""
     text = experiment.write_comparison(Path(out_dir), rows, baseline, title)
     return ReportFiles(_present(out_dir, COMPARISON_FILES), text)
