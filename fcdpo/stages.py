@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from fcdpo import pairs as pairs_lib
 from fcdpo import sampling
@@ -190,17 +190,25 @@ def teacher_prompt(teacher: TeacherConfig, limits: AgentLimits, train: ProblemSe
 
 class SamplingJob(BaseModel):
     """What decides a policy's chains besides the problems: the policy (its identity keys the cache by
-    weights), the agent's limits and the labelling."""
+    weights), the agent's limits and the labelling; ``problems``, when given, are what it samples (split
+    into shards by :meth:`shards`; not part of a shard's key, which has its own problems)."""
 
     policy: Policy
     limits: AgentLimits
     labelling: LabellingConfig
+    problems: ProblemSet | None = Field(None, exclude=True)
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
     @classmethod
-    def of(cls, cfg: RunConfig, policy: Policy) -> SamplingJob:
+    def of(cls, cfg: RunConfig, policy: Policy, problems: ProblemSet | None = None) -> SamplingJob:
         if policy.sampling is None:
             raise ValueError("a sampling policy needs sampling settings (Policy.teacher / Policy.on_policy)")
-        return cls(policy=policy, limits=cfg.agent, labelling=cfg.labelling)
+        return cls(policy=policy, limits=cfg.agent, labelling=cfg.labelling, problems=problems)
+
+    def shards(self) -> list[ProblemSet]:
+        """The job's problems in shards of ``sampling.shard_size`` (the unit of resumption and fan-out)."""
+        return split_shards(self.problems or ProblemSet("none", ()), self.policy.sampling.shard_size)  # type: ignore[union-attr]
 
     def workload(self, shard: ProblemSet) -> Workload:
         """What the engine holds for a shard: every chain at once, each as long as the limits allow."""

@@ -23,26 +23,35 @@ from fcdpo.config import RunConfig
 from fcdpo.problems import ProblemSet
 from fcdpo.sampling import ShardResult
 from fcdpo.stages import SamplingJob
-from tasks.common import Engines, missing_files, opaque_args
+from tasks.common import Engines, missing_files, run_task
 from tasks.stages import sample_shard
 
 
-def sample_local(
-    shards: list[ProblemSet],
-    job: SamplingJob,
-    out: str,
-    engines: Engines,
-    refresh: bool = False,
+def sample_shards(
+    cfg: RunConfig, job: SamplingJob, out: str, engines: Engines, on_workers: bool = False
 ) -> list[ShardResult]:
+    """Every shard of ``job`` sampled: as flow runs on the gpu pool's workers (``on_workers``; shard files
+    the workers wrote where this process cannot see them are sampled here instead), else here."""
+    shards = job.shards()
+    if on_workers:
+        results = sample_by_deployment(cfg, len(shards))
+        if not any(missing_files(r) for r in results):
+            return results
+    return sample_local(shards, job, out, engines)
+
+
+def sample_local(shards: list[ProblemSet], job: SamplingJob, out: str, engines: Engines) -> list[ShardResult]:
     """Shard after shard in this process, through one shared engine (opened only if a shard misses cache),
-    into shard files under ``out``; any policy's shards (the teacher's, a student's own). A shard whose cached file is
-    gone (the run folder deleted, or the same config run from another directory) runs again with its cache
-    refreshed."""
-    task = sample_shard.with_options(refresh_cache=True) if refresh else sample_shard
-    results = [task(*opaque_args((shard, job, out, engines))) for shard in shards]
-    if not refresh and any(missing_files(r) for r in results):
-        get_run_logger().warning("sample-shard: cached shard files are missing on disk; sampling again")
-        return sample_local(shards, job, out, engines, refresh=True)
+    into shard files under ``out``; any policy's shards (the teacher's, a student's own). A shard whose
+    cached file is gone (the run folder deleted, or the same config run from another directory) runs again
+    with its cache refreshed."""
+    results: list[ShardResult] = []
+    for shard in shards:
+        result = run_task(sample_shard, shard, job, out, engines)
+        if missing_files(result):
+            get_run_logger().warning("sample-shard: the cached shard file is missing on disk; sampling again")
+            result = run_task(sample_shard.with_options(refresh_cache=True), shard, job, out, engines)
+        results.append(result)
     return results
 
 

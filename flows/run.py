@@ -27,11 +27,11 @@ from fcdpo.policy import Policy
 from fcdpo.problems import ProblemSet
 from fcdpo.report import RunSummary
 from fcdpo.rounds import RoundResult, trainable
-from fcdpo.sampling import ChainsResult, ShardResult, split_shards
+from fcdpo.sampling import ChainsResult, ShardResult
 from fcdpo.stages import EvalJob, SamplingJob, Split, kept_after_interrupt, run_dir, stage_dir
 from fcdpo.training import TrainResult
-from flows.executors import sample_by_deployment, sample_local
-from tasks.common import Engines, fresh, missing_files
+from flows.executors import sample_local, sample_shards
+from tasks.common import Engines, fresh
 from tasks.stages import (
     build_pairs,
     concat_pairs,
@@ -92,15 +92,11 @@ class Run:
         """``policy``'s labelled chains on ``problems``, shard by shard, gathered into ``<at>/chains.jsonl``.
         The teacher's sampling (``at`` empty) is placed on the gpu pool's workers with the ``deployment``
         executor (each worker rebuilds its shard from the config); everything else samples here."""
-        job = SamplingJob.of(self.cfg, policy)
-        shards = None
-        if not at and self.cfg.orchestration.executor == "deployment":
-            shards = sample_by_deployment(self.cfg, len(split_shards(problems, policy.sampling.shard_size)))  # type: ignore[union-attr]
-            if any(missing_files(r) for r in shards):
-                shards = None  # the workers' files are not visible here: sample here
-        if shards is None:
-            parts = split_shards(problems, policy.sampling.shard_size)  # type: ignore[union-attr]
-            shards = sample_local(parts, job, str(stage_dir(self.cfg, _at(at, "shards"))), self.engines)
+        job = SamplingJob.of(self.cfg, policy, problems)
+        on_workers = not at and self.cfg.orchestration.executor == "deployment"
+        shards = sample_shards(
+            self.cfg, job, str(stage_dir(self.cfg, _at(at, "shards"))), self.engines, on_workers
+        )
         chains = self.stage(_at(at, "chains.jsonl"), gather_chains, shards)
         if not at and self._tracker is not None:
             self._tracker.chains(chains)

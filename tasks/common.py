@@ -113,20 +113,24 @@ def opaque_args(args: Sequence[Any]) -> list[Any]:
     return [opaque(a) for a in args]
 
 
+def run_task(task: Any, *args: Any, **kwargs: Any) -> Any:
+    """``task`` called on ``args`` and ``kwargs`` taken as they are (:func:`opaque_args`)."""
+    from prefect.utilities.annotations import opaque
+
+    return task(*opaque_args(args), **{k: opaque(v) for k, v in kwargs.items()})
+
+
 def fresh(task: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a cached task (made with :func:`stamped`) and return its result. A cached result stands for
     files in the run folder; if they are gone, or were written again since (another config's run in the
     same folder), the result is made again with the cache refreshed instead of trusted."""
-    from prefect.utilities.annotations import opaque
-
-    kwargs = {k: opaque(v) for k, v in kwargs.items()}
-    out = task(*opaque_args(args), **kwargs)
+    out = run_task(task, *args, **kwargs)
     if isinstance(out, Stamped) and out.stamp is not None and out.stamp == files_stamp(out.value.files()):
         return out.value
     files = out.value.files() if isinstance(out, Stamped) else []
     why = "missing on disk" if files_stamp(files) is None else "changed on disk since it was cached"
     get_run_logger().warning(f"{task.name}: the cached result's files are {why}; recomputing")
-    return task.with_options(refresh_cache=True)(*opaque_args(args), **kwargs).value
+    return run_task(task.with_options(refresh_cache=True), *args, **kwargs).value
 
 
 class Engines:
