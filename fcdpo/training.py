@@ -513,22 +513,69 @@ def train_dpo(
     itself (PEFT's disabled adapter). To make an earlier policy the reference instead, pass its merged
     copy as ``model`` and no ``init_adapter``.
     """
-    import pyarrow.parquet as pq
-    from peft import LoraConfig, PeftModel
-    from transformers import TrainerCallback
-
     cfg = cfg or TrainingConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = on_gpu()
-    sft = cfg.objective == "sft"
+    gpu, t0 = on_gpu(), time.perf_counter()
     if cfg.compact_logprobs:
         _compact_logprobs_on_cpu()
-    t0 = time.perf_counter()
-
     tok = load_tokenizer(model)
     spec = resolve_format(student or PromptSpec(), chat=bool(getattr(tok, "chat_template", None)))
-    data_file = Path(pairs_parquet).with_name("correct.parquet") if sft else Path(pairs_parquet)
+    data = _training_data(Path(pairs_parquet), model, tok, spec, cfg, gpu, model_hash)  # fail fast on memory
+    history: list[dict[str, float]] = []
+    trainer = _trainer(model, tok, data, cfg, out_dir, gpu, init_adapter, model_hash, cache_dir,
+                       _metrics_emitter(out_dir, history, callbacks))  # fmt: skip
+    if callbacks:  # the caller reports each logged step: no raw {'loss': ...} dicts printed beside it
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    last = last_checkpoint(out_dir / "checkpoints")
+    _trim_metrics(out_dir / "metrics.jsonl", int(last.name.split("-", 1)[1]) if last else 0)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    manifest = {
+        "base_model": model_id or str(model),
+        "base_model_path": str(model),
+        "base_model_hash": model_hash,
+        "objective": cfg.objective,
+        "init_adapter": str(init_adapter) if init_adapter is not None else None,
+        "pairs": str(data.file),
+        "pairs_digest": data.digest,
+        "n_pairs": data.rows,
+        "n_available": data.available,
+        "student_prompt": spec.model_dump(),
+        "training": cfg.model_dump(),
+        "global_step": trainer.state.global_step,
+        "masking": MASKING_VERSION,
+        "ref_logps_key": None if cfg.objective == "sft" else data.ref_key,
+    }
+    adapter = _save_adapter(trainer, out_dir, manifest)
+    full_history = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return TrainResult(adapter, manifest, full_history, time.perf_counter() - t0, last)
+
+
+@dataclass
+class _Data:
+    """What one training run trains on: the tokenised rows and where they came from."""
+
+    file: Path
+    digest: str
+    rows: int
+    available: int
+    tokens: Any
+    ref_key: str
+
+
+def _training_data(
+    pairs_parquet: Path, model: str | Path, tok: Any, spec: PromptSpec, cfg: TrainingConfig, gpu: bool,
+    model_hash: str = "",
+) -> _Data:  # fmt: skip
+    """The pairs (or, for ``sft``, the correct chains beside them) as far as ``max_steps`` reaches,
+    tokenised, with the memory of a training step checked before any weights load."""
+    import pyarrow.parquet as pq
+
+    sft = cfg.objective == "sft"
+    data_file = pairs_parquet.with_name("correct.parquet") if sft else pairs_parquet
     if sft and not data_file.is_file():
         raise ValueError(
             f"{data_file}: no correct chains file (build the pairs again with this fcdpo version)"
@@ -545,26 +592,18 @@ def train_dpo(
         memory = plan_training(model, cfg.batch_size, longest, gpu=gpu, sequences=1).check()
     else:
         data = tokenize_pairs(tok, rows, spec, cfg.mask_tool_outputs)
-        memory = memory_plan(model, data, cfg, gpu)  # before the weights are loaded: fail fast
+        memory = memory_plan(model, data, cfg, gpu)
     log.info("training memory: %s", memory.describe())
-    model_obj = load_student(model, cfg.quantization, gpu)
-    peft_config = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    if init_adapter is not None:  # continue an earlier round's adapter
-        model_obj = PeftModel.from_pretrained(model_obj, str(init_adapter), is_trainable=True)
-        peft_config = None
     data_digest = file_sha256(data_file)
     key = ref_cache_key(data_digest, model_hash or str(model), spec, tok, cfg)
     if len(rows) < available:  # the subset max_steps reaches
         key = digest([key, len(rows), cfg.seed], 32)
-    cache_root = Path(cache_dir) if cache_dir else out_dir / "ref_logps"
+    return _Data(data_file, data_digest, len(rows), available, data, key)
 
-    history: list[dict[str, float]] = []
+
+def _metrics_emitter(out_dir: Path, history: list[dict[str, float]], sinks: Sequence[MetricsSink]) -> Any:
+    """A trainer callback: each logged step's metrics into ``history``, ``metrics.jsonl`` and ``sinks``."""
+    from transformers import TrainerCallback
 
     class Emit(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -576,62 +615,52 @@ def train_dpo(
             history.append(m)
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
-            for sink in callbacks:
+            for sink in sinks:
                 sink(state.global_step, {k: v for k, v in m.items() if k != "step"})
 
-    if sft:
+    return Emit()
+
+
+def _trainer(
+    model: str | Path, tok: Any, data: _Data, cfg: TrainingConfig, out_dir: Path, gpu: bool,
+    init_adapter: str | Path | None, model_hash: str, cache_dir: str | Path | None, emit: Any,
+) -> Any:  # fmt: skip
+    """TRL's trainer for ``cfg.objective`` on the student with a LoRA adapter (new, or ``init_adapter``
+    continued; the reference is the model without it), the reference log-probs cached by content."""
+    from peft import LoraConfig, PeftModel
+
+    model_obj = load_student(model, cfg.quantization, gpu)
+    peft_config = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    if init_adapter is not None:  # continue an earlier round's adapter
+        model_obj = PeftModel.from_pretrained(model_obj, str(init_adapter), is_trainable=True)
+        peft_config = None
+    if cfg.objective == "sft":
         from trl import SFTTrainer
 
-        trainer = SFTTrainer(
-            model=model_obj,
-            args=sft_args(cfg, out_dir, gpu),
-            train_dataset=data,
-            processing_class=tok,
-            peft_config=peft_config,
-            callbacks=[Emit()],
-        )
-    else:
-        trainer = _trainer_class()(
-            model=model_obj,
-            args=dpo_args(cfg, out_dir, gpu),
-            train_dataset=data,
-            processing_class=tok,
-            data_collator=preference_collator(tok.pad_token_id, cfg.max_length),
-            peft_config=peft_config,
-            callbacks=[Emit()],
-            ref_cache=cache_root / f"{key}.npz" if cfg.precompute_ref else None,
-        )
-    if callbacks:  # the caller reports each logged step: no raw {'loss': ...} dicts printed beside it
-        from transformers import PrinterCallback, ProgressCallback
+        return SFTTrainer(
+            model=model_obj, args=sft_args(cfg, out_dir, gpu), train_dataset=data.tokens, processing_class=tok,
+            peft_config=peft_config, callbacks=[emit],
+        )  # fmt: skip
+    cache_root = Path(cache_dir) if cache_dir else out_dir / "ref_logps"
+    return _trainer_class()(
+        model=model_obj, args=dpo_args(cfg, out_dir, gpu), train_dataset=data.tokens, processing_class=tok,
+        data_collator=preference_collator(tok.pad_token_id, cfg.max_length), peft_config=peft_config,
+        callbacks=[emit], ref_cache=cache_root / f"{data.ref_key}.npz" if cfg.precompute_ref else None,
+    )  # fmt: skip
 
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-    last = last_checkpoint(out_dir / "checkpoints")
-    _trim_metrics(out_dir / "metrics.jsonl", int(last.name.split("-", 1)[1]) if last else 0)
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
 
-    adapter = out_dir / "adapter"
-    tmp = out_dir / ".adapter.tmp"
+def _save_adapter(trainer: Any, out_dir: Path, manifest: dict[str, Any]) -> Path:
+    """The trained adapter with its manifest, in ``out_dir/adapter`` (written whole, then renamed)."""
+    adapter, tmp = out_dir / "adapter", out_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(str(tmp))
-    manifest = {
-        "base_model": model_id or str(model),
-        "base_model_path": str(model),
-        "base_model_hash": model_hash,
-        "objective": cfg.objective,
-        "init_adapter": str(init_adapter) if init_adapter is not None else None,
-        "pairs": str(data_file),
-        "pairs_digest": data_digest,
-        "n_pairs": len(rows),
-        "n_available": available,
-        "student_prompt": spec.model_dump(),
-        "training": cfg.model_dump(),
-        "global_step": trainer.state.global_step,
-        "masking": MASKING_VERSION,
-        "ref_logps_key": None if sft else key,
-    }
     (tmp / "fcdpo_manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(adapter, ignore_errors=True)
     tmp.rename(adapter)
-    full_history = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x]
-    return TrainResult(adapter, manifest, full_history, time.perf_counter() - t0, last)
+    return adapter
